@@ -1,0 +1,302 @@
+"""Image I/O: 8/16-bit PNG, JPEG, TIFF and DICOM in, 8/16-bit PNG (and DICOM) out.
+
+Every reader returns an :class:`XrayImage`: a float32 array in [0, 1] of shape (H, W) at the file's
+native size, plus what is needed to write a result back the way it came (bit depth, the pydicom
+dataset). Display convention is the one the models are trained on: bones bright, air dark. DICOM
+MONOCHROME1 (air bright) is therefore inverted on read and re-inverted on write.
+
+Every failure is an :class:`ImageError` whose message starts with the file path and says what is
+wrong, in one line. Writers go through a temporary file in the target folder and ``os.replace`` so
+that a crash never leaves a half-written image, and they never write onto one of their inputs.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image
+
+from utils.atomic import atomic_write
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom")
+DICOM_EXTENSIONS = (".dcm", ".dicom")
+DEFAULT_MAX_PIXELS = 100_000_000  # 10k x 10k; a decompression-bomb guard, configurable per call
+
+
+class ImageError(ValueError):
+    """An image file cannot be used; ``str(err)`` is one line that names the file."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+@dataclass
+class XrayImage:
+    """A grayscale radiograph as read from disk.
+
+    Attributes:
+        pixels: float32 (H, W) in [0, 1]; 0 = black. For integer files, value / (2**bits - 1).
+        bit_depth: bits per sample of the source (8, 16, or DICOM BitsStored).
+        path: the source file.
+        dicom: the pydicom Dataset (without pixel data decoded twice) for DICOM sources, else None.
+        meta: free-form facts about the source (mode, photometric interpretation, value range).
+    """
+
+    pixels: np.ndarray
+    bit_depth: int
+    path: str
+    dicom: Any = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(H, W) of the source image."""
+        return tuple(self.pixels.shape)  # type: ignore[return-value]
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    return str(path).lower().endswith(IMAGE_EXTENSIONS)
+
+
+def read_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+               allow_color: bool = False) -> XrayImage:
+    """Read a grayscale radiograph into float32 [0, 1].
+
+    Args:
+        path: PNG (8/16-bit), JPEG, TIFF (8/16-bit) or DICOM file.
+        max_pixels: refuse images with more pixels than this (None: no limit).
+        allow_color: if False, an RGB(A) image whose channels differ is an error; gray stored as
+            RGB (all channels equal, opaque) is always accepted, since OpenCV-based tools such as
+            the reference code write their outputs that way.
+    Raises:
+        ImageError: missing, empty, truncated, corrupt, colour or oversized file.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ImageError(p, "file not found")
+    if p.is_dir():
+        raise ImageError(p, "is a directory, expected an image file")
+    try:
+        nbytes = p.stat().st_size
+    except OSError as e:
+        raise ImageError(p, f"cannot stat file ({e.strerror})") from None
+    if nbytes == 0:
+        raise ImageError(p, "empty file (0 bytes)")
+    if p.suffix.lower() in DICOM_EXTENSIONS or _looks_like_dicom(p):
+        return _read_dicom(p, max_pixels)
+    return _read_pil(p, max_pixels, allow_color)
+
+
+def _looks_like_dicom(p: Path) -> bool:
+    try:
+        with open(p, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def _read_pil(p: Path, max_pixels: int | None, allow_color: bool) -> XrayImage:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(p)
+    except PermissionError:
+        raise ImageError(p, "permission denied") from None
+    except Image.DecompressionBombWarning:
+        raise ImageError(p, "image too large (decompression-bomb guard)") from None
+    except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
+        raise ImageError(p, f"not a readable image ({type(e).__name__}: {e})") from None
+    with im:
+        w, h = im.size
+        if max_pixels is not None and w * h > max_pixels:
+            raise ImageError(p, f"image of {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
+        try:
+            im.load()
+        except Exception as e:  # truncated streams, bad CRCs, broken JPEG data
+            raise ImageError(p, f"truncated or corrupt image data ({type(e).__name__}: {e})") from None
+        mode = im.mode
+        arr, bits = _pil_to_gray(im, p, allow_color)
+    scale = float(2**bits - 1)
+    pixels = (arr.astype(np.float64) / scale).clip(0.0, 1.0).astype(np.float32)
+    return XrayImage(pixels=pixels, bit_depth=bits, path=str(p), meta={"mode": mode, "format": im.format})
+
+
+def _pil_to_gray(im: Image.Image, p: Path, allow_color: bool) -> tuple[np.ndarray, int]:
+    """Return (integer gray array, bit depth) for every PIL mode a radiograph may come in."""
+    mode = im.mode
+    if mode == "L":
+        return np.asarray(im, dtype=np.uint8), 8
+    if mode == "1":
+        return np.asarray(im.convert("L"), dtype=np.uint8), 8
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        return np.asarray(im, dtype=np.uint16), 16
+    if mode == "I":
+        # Pillow opens 16-bit PNG/TIFF as 32-bit "I"; values above 16 bits are not radiographs.
+        arr = np.asarray(im, dtype=np.int64)
+        if arr.min(initial=0) < 0 or arr.max(initial=0) > 65535:
+            raise ImageError(p, f"32-bit integer image with values outside 0..65535 (mode {mode})")
+        return arr.astype(np.uint16), 16
+    if mode == "F":
+        raise ImageError(p, "floating-point image (mode F): convert it to 8- or 16-bit first")
+    if mode in ("P", "PA"):
+        im = im.convert("RGBA")
+        mode = "RGBA"
+    if mode == "LA":
+        arr = np.asarray(im)
+        if (arr[..., 1] != 255).any():
+            raise ImageError(p, "gray image with transparency (mode LA): remove the alpha channel")
+        return arr[..., 0].astype(np.uint8), 8
+    if mode in ("RGB", "RGBA", "RGBX", "CMYK", "YCbCr"):
+        arr = np.asarray(im.convert("RGBA") if mode != "RGB" else im)
+        if arr.shape[-1] == 4 and (arr[..., 3] != 255).any():
+            raise ImageError(p, f"image with transparency (mode {im.mode}): expected an opaque grayscale image")
+        rgb = arr[..., :3]
+        if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all():
+            return rgb[..., 0].astype(np.uint8), 8
+        if not allow_color:
+            raise ImageError(p, f"colour image (mode {im.mode}, channels differ): expected grayscale")
+        # ITU-R 601 luma, the conversion OpenCV's BGR2GRAY uses.
+        gray = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+        return np.round(gray).astype(np.uint8), 8
+    raise ImageError(p, f"unsupported image mode {mode}")
+
+
+# ------------------------------------------------------------------------------------------ DICOM
+
+def _read_dicom(p: Path, max_pixels: int | None) -> XrayImage:
+    try:
+        import pydicom
+    except ImportError:  # pragma: no cover - pydicom is in requirements.txt
+        raise ImageError(p, "reading DICOM needs pydicom (pip install pydicom)") from None
+    try:
+        ds = pydicom.dcmread(p)
+    except Exception as e:
+        raise ImageError(p, f"not a readable DICOM file ({type(e).__name__}: {e})") from None
+    if "PixelData" not in ds:
+        raise ImageError(p, "DICOM file has no pixel data")
+    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+    if max_pixels is not None and rows * cols > max_pixels:
+        raise ImageError(p, f"image of {cols}x{rows} = {rows * cols} pixels exceeds the limit of {max_pixels}")
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise ImageError(p, f"DICOM with {ds.SamplesPerPixel} samples per pixel: expected grayscale")
+    try:
+        stored = ds.pixel_array
+    except Exception as e:  # truncated pixel data, unsupported transfer syntax
+        raise ImageError(p, f"cannot decode DICOM pixel data ({type(e).__name__}: {e})") from None
+    if stored.ndim != 2:
+        raise ImageError(p, f"DICOM pixel array of shape {stored.shape}: expected one 2-D frame")
+    bits = int(ds.get("BitsStored", 16))
+    signed = int(ds.get("PixelRepresentation", 0)) == 1
+    lo_stored = -(2 ** (bits - 1)) if signed else 0
+    hi_stored = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    values = stored.astype(np.float64) * slope + intercept  # modality LUT (rescale)
+    lo, hi = sorted((lo_stored * slope + intercept, hi_stored * slope + intercept))
+    pixels = (values - lo) / (hi - lo)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+    if photometric == "MONOCHROME1":  # air bright: invert so that bones are bright, air dark
+        pixels = 1.0 - pixels
+    elif photometric != "MONOCHROME2":
+        raise ImageError(p, f"DICOM photometric interpretation {photometric}: expected MONOCHROME1/2")
+    meta = {"photometric": photometric, "rescale": (slope, intercept), "range": (lo, hi),
+            "signed": signed, "stored_dtype": str(stored.dtype)}
+    return XrayImage(pixels=pixels.clip(0, 1).astype(np.float32), bit_depth=bits, path=str(p),
+                     dicom=ds, meta=meta)
+
+
+def to_dicom_stored(pixels: np.ndarray, image: XrayImage) -> np.ndarray:
+    """Map [0, 1] display pixels back to the stored values of ``image``'s DICOM encoding."""
+    lo, hi = image.meta["range"]
+    slope, intercept = image.meta["rescale"]
+    x = np.clip(pixels.astype(np.float64), 0.0, 1.0)
+    if image.meta["photometric"] == "MONOCHROME1":
+        x = 1.0 - x
+    stored = np.round((x * (hi - lo) + lo - intercept) / slope)
+    return stored.astype(image.dicom.pixel_array.dtype)
+
+
+def write_dicom(path: str | os.PathLike, pixels: np.ndarray, like: XrayImage,
+                description: str = "bone suppressed (soft tissue)") -> None:
+    """Write ``pixels`` (float [0, 1], same (H, W) as ``like``) as a new DICOM instance of the same study.
+
+    The result keeps ``like``'s encoding (bit depth, rescale, photometric interpretation) and gets new
+    SOP and series instance UIDs, so a viewer shows it as a derived series next to the original.
+    """
+    import copy
+
+    import pydicom
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    if like.dicom is None:
+        raise ImageError(path, "write_dicom needs a DICOM source image to copy the header from")
+    if pixels.shape != like.size:
+        raise ImageError(path, f"pixels of shape {pixels.shape} do not match the source size {like.size}")
+    ds = copy.deepcopy(like.dicom)
+    stored = to_dicom_stored(pixels, like)
+    ds.PixelData = stored.tobytes()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesDescription = description
+    ds.ImageType = ["DERIVED", "SECONDARY"]
+    _write_checked(path, lambda tmp: pydicom.dcmwrite(tmp, ds, enforce_file_format=True), like.path)
+
+
+# ------------------------------------------------------------------------------------------- PNG
+
+def to_uint(pixels: np.ndarray, bit_depth: int = 8) -> np.ndarray:
+    """Float [0, 1] -> uint8/uint16 with clipping and rounding (the reference truncated, §7.17)."""
+    if bit_depth not in (8, 16):
+        raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth}")
+    scale = 2**bit_depth - 1
+    out = np.round(np.clip(np.nan_to_num(pixels.astype(np.float64), nan=0.0), 0.0, 1.0) * scale)
+    return out.astype(np.uint8 if bit_depth == 8 else np.uint16)
+
+
+def write_png(path: str | os.PathLike, pixels: np.ndarray, bit_depth: int | None = None,
+              inputs: tuple[str | os.PathLike, ...] = ()) -> None:
+    """Write a grayscale PNG atomically (temporary file in the same folder, then rename).
+
+    Args:
+        pixels: (H, W) array. uint8 / uint16 are written as they are; float arrays are taken as
+            [0, 1], clipped, rounded and written with ``bit_depth`` bits (default 8). bool -> 0/255.
+        bit_depth: 8 or 16 for float input; must agree with the dtype of integer input.
+        inputs: paths this output must never overwrite (the images it was computed from).
+    """
+    arr = np.asarray(pixels)
+    if arr.ndim != 2:
+        raise ValueError(f"{path}: expected a (H, W) array, got shape {arr.shape}")
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
+    if arr.dtype == np.uint8:
+        if bit_depth not in (None, 8):
+            raise ValueError(f"{path}: uint8 pixels but bit_depth={bit_depth}")
+    elif arr.dtype == np.uint16:
+        if bit_depth not in (None, 16):
+            raise ValueError(f"{path}: uint16 pixels but bit_depth={bit_depth}")
+    elif np.issubdtype(arr.dtype, np.floating):
+        arr = to_uint(arr, bit_depth or 8)
+    else:
+        raise ValueError(f"{path}: unsupported pixel dtype {arr.dtype}")
+    # Pillow writes "I;16" as a 16-bit grayscale PNG; "L" as 8-bit.
+    im = Image.fromarray(arr if arr.dtype == np.uint8 else arr.astype("<u2"))
+    _write_checked(path, lambda tmp: im.save(tmp, format="PNG"), *inputs)
+
+
+def _write_checked(path: str | os.PathLike, write: Callable[[str], Any], *inputs: str | os.PathLike) -> None:
+    """Atomic write whose failures are :class:`ImageError` naming the output file."""
+    try:
+        atomic_write(path, write, *inputs)
+    except FileExistsError:
+        raise ImageError(path, "refusing to overwrite an input file with an output") from None
+    except PermissionError as e:
+        raise ImageError(path, f"cannot write ({e.strerror})") from None

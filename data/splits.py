@@ -1,0 +1,95 @@
+"""Seeded, reproducible train/val/test splits and their list files (method.md §1.3).
+
+The reference shuffled the sorted file names with an unseeded ``random.shuffle``, so its splits
+cannot be reproduced. Here the same procedure runs with ``random.Random(seed)``: the same names,
+ratios and seed always give the same lists. Counts follow GL-LCM: train and val take ``int()``
+of their share, test takes the remainder (818 pairs -> 654 / 81 / 83).
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from data.io import is_image_file
+from utils.atomic import atomic_write_text
+
+SPLITS = ("train", "val", "test")
+
+
+def list_images(folder: str | Path) -> list[str]:
+    """Sorted file names of the images in ``folder`` (hidden files skipped); [] if it is missing."""
+    d = Path(folder)
+    if not d.is_dir():
+        return []
+    return sorted(p.name for p in d.iterdir() if p.is_file() and not p.name.startswith(".") and is_image_file(p))
+
+
+def split_names(names: list[str], ratios: list[float] | tuple[float, ...] = (0.8, 0.1, 0.1),
+                seed: int = 42) -> dict[str, list[str]]:
+    """Shuffle sorted ``names`` with ``seed`` and cut them into train / val / test.
+
+    Returns:
+        {"train": [...], "val": [...], "test": [...]}, each list in shuffled order.
+    """
+    if len(ratios) != 3:
+        raise ValueError(f"split ratios must be three numbers (train, val, test), got {list(ratios)}")
+    if any(r < 0 for r in ratios) or abs(sum(ratios) - 1.0) > 1e-6:
+        raise ValueError(f"split ratios must be non-negative and sum to 1, got {list(ratios)}")
+    if len(set(names)) != len(names):
+        raise ValueError("duplicate names in the split input")
+    order = sorted(names)
+    random.Random(seed).shuffle(order)
+    n = len(order)
+    n_train, n_val = int(ratios[0] * n), int(ratios[1] * n)
+    return {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
+
+
+def list_paths(list_dir: str | Path, prefix: str) -> dict[str, Path]:
+    """GL-LCM's file names: ``<prefix>_trainset.txt``, ``<prefix>_valset.txt``, ``<prefix>_testset.txt``."""
+    return {s: Path(list_dir) / f"{prefix}_{s}set.txt" for s in SPLITS}
+
+
+def write_split(split: dict[str, list[str]], list_dir: str | Path, prefix: str, force: bool = False) -> dict[str, Path]:
+    """Write the three list files (one name per line, atomically).
+
+    Raises:
+        FileExistsError: a list file exists and ``force`` is False (nothing is written then).
+    """
+    paths = list_paths(list_dir, prefix)
+    existing = [str(p) for p in paths.values() if p.exists()]
+    if existing and not force:
+        raise FileExistsError(f"split lists already exist: {', '.join(existing)} (use --force to overwrite)")
+    for s, p in paths.items():
+        atomic_write_text(p, "".join(f"{name}\n" for name in split[s]))
+    return paths
+
+
+def read_list(path: str | Path) -> list[str]:
+    """Names in a list file (blank lines and '#' comments ignored).
+
+    Raises:
+        FileNotFoundError / ValueError: missing file, or a name listed twice; the message names the file.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: split list not found (run dataSegmentation.py first)")
+    names = [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
+    names = [n for n in names if n and not n.startswith("#")]
+    seen: set[str] = set()
+    for n in names:
+        if n in seen:
+            raise ValueError(f"{p}: '{n}' is listed twice")
+        seen.add(n)
+    return names
+
+
+def read_split(list_dir: str | Path, prefix: str) -> dict[str, list[str]]:
+    """Read all three lists and check that they are disjoint."""
+    split = {s: read_list(p) for s, p in list_paths(list_dir, prefix).items()}
+    for i, a in enumerate(SPLITS):
+        for b in SPLITS[i + 1:]:
+            common = set(split[a]) & set(split[b])
+            if common:
+                raise ValueError(f"{list_dir}: {len(common)} names are in both the {a} and {b} lists, "
+                                 f"e.g. {sorted(common)[0]}")
+    return split

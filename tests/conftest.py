@@ -1,0 +1,58 @@
+"""Shared fixtures: the real sample pairs, the real DICOM, and tiny synthetic folders."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SZCH_SAMPLES = ROOT.parent / "shared" / "data" / "szch-samples"
+
+# Tests never download: point torch hub at an empty folder unless the caller chose one.
+os.environ.setdefault("TORCH_HOME", str(ROOT / ".pytest_cache" / "torch_home"))
+
+
+@pytest.fixture
+def szch_samples() -> Path:
+    """../shared/data/szch-samples (two real registered CXR/BS pairs); skips when absent."""
+    if not (SZCH_SAMPLES / "CXR").is_dir():
+        pytest.skip(f"real sample pairs not found at {SZCH_SAMPLES}")
+    return SZCH_SAMPLES
+
+
+@pytest.fixture
+def dicom_chest() -> Path:
+    """RG1_UNCR.dcm from pydicom-data: a real 15-bit MONOCHROME1 CR chest radiograph."""
+    pydicom_data = pytest.importorskip("pydicom.data")
+    path = pydicom_data.get_testdata_file("RG1_UNCR.dcm", download=False)
+    if path is None:  # pragma: no cover - pydicom-data is in requirements-dev.txt
+        pytest.skip("RG1_UNCR.dcm not available (pip install pydicom-data)")
+    return Path(path)
+
+
+def write_gray(path: Path, arr: np.ndarray) -> Path:
+    """Write a uint8/uint16 array as a PNG with Pillow directly (independent of data.io)."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr if arr.dtype == np.uint16 else arr.astype(np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture
+def pair_folder(tmp_path) -> Path:
+    """A dataset root with 10 random 32×32 pairs and masks: CXR/, BS/, Mask/."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "ds"
+    for i in range(10):
+        name = f"case{i:02d}.png"
+        cxr = rng.integers(0, 256, (32, 32), dtype=np.uint8)
+        write_gray(root / "CXR" / name, cxr)
+        write_gray(root / "BS" / name, (cxr * 0.8).astype(np.uint8))
+        mask = np.zeros((32, 32), np.uint8)
+        mask[8:24, 4:14] = 255
+        mask[8:24, 18:28] = 255
+        write_gray(root / "Mask" / name, mask)
+    return root

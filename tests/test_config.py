@@ -1,0 +1,142 @@
+"""Config loading: merge order, overrides, strict keys and types, round trips, shipped configs."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from utils.config import Config, ConfigError, config_from_dict, config_to_dict, load_config, save_config
+from tests.conftest import ROOT
+
+CONFIGS = ROOT / "configs"
+
+
+def write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_defaults_without_files():
+    assert load_config() == Config()
+
+
+def test_files_merge_in_order_then_overrides(tmp_path):
+    a = write(tmp_path, "a.yaml", "ldm_train:\n  lr: 1.0e-3\n  epochs: 5\nvqgan:\n  channels: [8, 16]\n")
+    b = write(tmp_path, "b.yaml", "ldm_train:\n  lr: 2.0e-3\n")
+    cfg = load_config([a, b], ["ldm_train.epochs=7", "sampler.name=ddim", "vqgan.channels=[4, 4, 4]"])
+    assert cfg.ldm_train.lr == 2e-3          # b overrides a
+    assert cfg.ldm_train.epochs == 7         # --set overrides both
+    assert cfg.sampler.name == "ddim"
+    assert cfg.vqgan.channels == [4, 4, 4]
+    assert cfg.ldm_train.batch_size == Config().ldm_train.batch_size  # untouched keys keep defaults
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    p = write(tmp_path, "bad.yaml", "vqgan:\n  num_embedings: 12\n")
+    with pytest.raises(ConfigError) as e:
+        load_config([p])
+    msg = str(e.value)
+    assert str(p) in msg and "vqgan.num_embedings" in msg and "num_embeddings" in msg  # suggestion
+
+
+def test_unknown_section_and_override(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'nope'"):
+        load_config([write(tmp_path, "x.yaml", "nope: 1\n")])
+    with pytest.raises(ConfigError, match=r"--set unet\.depth=3: unknown key 'unet\.depth'"):
+        load_config([], ["unet.depth=3"])
+
+
+@pytest.mark.parametrize("text, key", [
+    ("ldm_train:\n  epochs: ten\n", "ldm_train.epochs"),
+    ("ldm_train:\n  epochs: 1.5\n", "ldm_train.epochs"),
+    ("ldm_train:\n  cache_latents: 1\n", "ldm_train.cache_latents"),
+    ("sampler:\n  name: euler\n", "sampler.name"),
+    ("vqgan:\n  channels: 128\n", "vqgan.channels"),
+    ("vqgan:\n  channels: [1, a]\n", "vqgan.channels[1]"),
+    ("vqgan: 3\n", "vqgan"),
+    ("data:\n  split:\n    ratios: [0.8, x, 0.1]\n", "data.split.ratios[1]"),
+])
+def test_wrong_type_names_key_and_file(tmp_path, text, key):
+    p = write(tmp_path, "t.yaml", text)
+    with pytest.raises(ConfigError) as e:
+        load_config([p])
+    assert str(p) in str(e.value) and key in str(e.value)
+
+
+def test_float_fields_accept_ints_and_yaml11_exponents(tmp_path):
+    # PyYAML reads "1e-4" (no dot) as a string; a float field still takes it.
+    cfg = load_config([write(tmp_path, "f.yaml", "ldm_train:\n  lr: 1e-4\n  gamma: 1\n")])
+    assert cfg.ldm_train.lr == 1e-4 and isinstance(cfg.ldm_train.gamma, float)
+
+
+def test_override_errors():
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config([], ["ldm_train.lr"])
+    with pytest.raises(ConfigError, match="ldm_train.epochs"):
+        load_config([], ["ldm_train.epochs=abc"])
+
+
+def test_missing_empty_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config([tmp_path / "missing.yaml"])
+    assert load_config([write(tmp_path, "empty.yaml", "")]) == Config()
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config([write(tmp_path, "broken.yaml", "a: [1, 2\n")])
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config([write(tmp_path, "list.yaml", "- 1\n- 2\n")])
+
+
+def test_save_and_dict_round_trip(tmp_path):
+    cfg = load_config([CONFIGS / "szch.yaml", CONFIGS / "bs-ldm.yaml"], ["run.seed=3"])
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    assert load_config([tmp_path / "run" / "config.yaml"]) == cfg
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+    with pytest.raises(ConfigError, match="checkpoint: unknown key 'vqgan.extra'"):
+        d = config_to_dict(cfg)
+        d["vqgan"]["extra"] = 1
+        config_from_dict(d, source="checkpoint")
+
+
+@pytest.mark.parametrize("files", [["szch.yaml"], ["jsrt.yaml"], ["demo.yaml"], ["szch.yaml", "bs-ldm.yaml"],
+                                   ["jsrt.yaml", "bs-ldm.yaml"]])
+def test_shipped_configs_load(files):
+    load_config([CONFIGS / f for f in files])
+
+
+def test_reference_hyper_parameters():
+    """Spot-check the published values (method.md §2–§5) in the shipped configs."""
+    szch = load_config([CONFIGS / "szch.yaml"])
+    jsrt = load_config([CONFIGS / "jsrt.yaml"])
+    bsldm = load_config([CONFIGS / "szch.yaml", CONFIGS / "bs-ldm.yaml"])
+    # GL-LCM
+    assert szch.vqgan.num_embeddings == 1024 and szch.vqgan.decay == 0.5 and szch.vqgan.channels == [128, 256, 512]
+    assert (szch.vq_loss.recon, szch.vq_loss.perceptual_weight, szch.vq_loss.adversarial_weight,
+            szch.vq_loss.msssim_weight) == ("mse", 0.001, 0.01, 1.0)
+    assert (szch.vq_train.lr_g, szch.vq_train.lr_d, szch.vq_train.epochs) == (1e-4, 5e-4, 300)
+    assert szch.unet.channel_mult == [1, 1, 2, 2, 4, 4] and szch.unet.num_res_blocks == 8
+    assert szch.diffusion.beta_schedule == "scaled_linear" and szch.diffusion.offset_noise == 0.1
+    assert (szch.ldm_train.lr, szch.ldm_train.adam_eps, szch.ldm_train.milestones, szch.ldm_train.epochs) == \
+        (1e-4, 1e-6, [300, 400, 500], 600)
+    assert (szch.sampler.name, szch.sampler.steps, szch.sampler.clip_kappa) == ("lcm", 50, 0.025)
+    assert (szch.global_local.alpha, szch.global_local.leg_mode) == (3.0, "noise")
+    # per-dataset clip ranges (§4.3)
+    assert (szch.sampler.clip_r0_global, szch.sampler.clip_r0_local) == (2.0, 3.5)
+    assert (jsrt.sampler.clip_r0_global, jsrt.sampler.clip_r0_local) == (1.7, 3.0)
+    assert jsrt.data.invert and not szch.data.invert
+    # BS-LDM overlay
+    assert bsldm.vqgan.num_embeddings == 256 and bsldm.vq_loss.recon == "l1" and bsldm.vq_loss.msssim_weight == 0
+    assert bsldm.diffusion.beta_schedule == "cosine" and bsldm.ldm_train.lr == 2e-4
+    assert bsldm.ldm_train.milestones == [200, 400, 750, 1500] and bsldm.ldm_train.epochs == 2500
+    assert (bsldm.sampler.name, bsldm.sampler.steps, bsldm.sampler.clip_r0_global, bsldm.sampler.clip_kappa) == \
+        ("ddpm", 1000, 1.4, 0.003)
+    assert bsldm.sampler.clip_off_by_one and not bsldm.global_local.enabled
+
+
+def test_schema_defaults_are_gl_lcm():
+    """The dataclass defaults equal szch.yaml apart from run naming, paths and the fixed bugs."""
+    szch = config_to_dict(load_config([CONFIGS / "szch.yaml"]))
+    default = config_to_dict(Config())
+    diff = {f"{s}.{k}" for s in szch for k in szch[s] if szch[s][k] != default[s][k]}
+    assert diff <= {"run.name", "data.num_workers"}, diff
+    assert dataclasses.fields(Config)  # schema is a dataclass tree

@@ -1,0 +1,222 @@
+"""Image I/O: every format round trip, the real samples and DICOM, and every kind of bad file."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data.io import ImageError, XrayImage, read_image, to_uint, write_dicom, write_png
+from data.transforms import from_model, resize, restore_size, to_model
+from tests.conftest import write_gray
+
+
+def ramp(h=48, w=40, bits=8):
+    x = np.linspace(0, 1, h * w).reshape(h, w)
+    return to_uint(x, bits)
+
+
+# ------------------------------------------------------------------------------------ round trips
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_png_round_trip(tmp_path, bits):
+    arr = ramp(bits=bits)
+    write_png(tmp_path / "a.png", arr)
+    img = read_image(tmp_path / "a.png")
+    assert isinstance(img, XrayImage) and img.bit_depth == bits and img.size == (48, 40)
+    assert img.pixels.dtype == np.float32 and 0 <= img.pixels.min() and img.pixels.max() <= 1
+    np.testing.assert_array_equal(to_uint(img.pixels, bits), arr)   # lossless, full bit depth
+
+
+def test_float_png_write_rounds_and_clips(tmp_path):
+    x = np.array([[-0.5, 0.0, 0.5, 1.0, 1.7, np.nan]], dtype=np.float32)
+    write_png(tmp_path / "f.png", x)
+    got = np.asarray(Image.open(tmp_path / "f.png"))
+    np.testing.assert_array_equal(got, [[0, 0, 128, 255, 255, 0]])
+    write_png(tmp_path / "f16.png", x, bit_depth=16)
+    assert read_image(tmp_path / "f16.png").bit_depth == 16
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_tiff_round_trip(tmp_path, bits):
+    arr = ramp(bits=bits)
+    Image.fromarray(arr).save(tmp_path / "a.tif")
+    img = read_image(tmp_path / "a.tif")
+    assert img.bit_depth == bits
+    np.testing.assert_array_equal(to_uint(img.pixels, bits), arr)
+
+
+def test_jpeg_read(tmp_path):
+    arr = ramp()
+    Image.fromarray(arr).save(tmp_path / "a.jpg", quality=95)
+    img = read_image(tmp_path / "a.jpg")
+    assert img.bit_depth == 8 and img.size == arr.shape
+    assert np.abs(img.pixels * 255 - arr).mean() < 2.0       # lossy, but close
+
+
+def test_gray_stored_as_rgb_is_accepted(tmp_path):
+    arr = ramp()
+    Image.fromarray(np.stack([arr] * 3, -1)).save(tmp_path / "rgb.png")
+    np.testing.assert_array_equal(to_uint(read_image(tmp_path / "rgb.png").pixels), arr)
+
+
+def test_real_samples(szch_samples):
+    for i in (0, 1):
+        cxr, bs = read_image(szch_samples / "CXR" / f"{i}.png"), read_image(szch_samples / "BS" / f"{i}.png")
+        assert cxr.size == bs.size == (1024, 1024) and cxr.bit_depth == 8
+        # CXR - BS > 0 on most pixels: the soft-tissue image is the darker one (method.md §1.1)
+        assert ((cxr.pixels - bs.pixels) > 0).mean() > 0.5
+        assert cxr.pixels.min() == 0.0   # pure-black border pixels
+
+
+def test_real_dicom_monochrome1(dicom_chest, tmp_path):
+    img = read_image(dicom_chest)
+    assert img.size == (1955, 1841) and img.bit_depth == 15
+    assert img.meta["photometric"] == "MONOCHROME1" and img.dicom is not None
+    raw = img.dicom.pixel_array.astype(np.float64)
+    # inverted: the brightest stored value becomes the darkest pixel, full 15-bit precision kept
+    np.testing.assert_allclose(img.pixels, 1 - raw / 32767, atol=1e-6)
+    assert len(np.unique(img.pixels)) > 256
+    # lungs (air) dark, mediastinum and spine bright in display convention
+    h, w = img.size
+    centre = img.pixels[h // 3: 2 * h // 3, w // 2 - 50: w // 2 + 50].mean()
+    lung = img.pixels[h // 3: 2 * h // 3, w // 4 - 50: w // 4 + 50].mean()
+    assert centre > lung
+    # writing back keeps the encoding: stored values identical
+    write_dicom(tmp_path / "out.dcm", img.pixels, img)
+    again = read_image(tmp_path / "out.dcm")
+    np.testing.assert_array_equal(again.dicom.pixel_array, img.dicom.pixel_array)
+    assert again.dicom.SOPInstanceUID != img.dicom.SOPInstanceUID
+    assert again.dicom.StudyInstanceUID == img.dicom.StudyInstanceUID
+
+
+def test_dicom_rescale_applied(dicom_chest, tmp_path):
+    import pydicom
+
+    ds = pydicom.dcmread(dicom_chest)
+    ds.RescaleSlope, ds.RescaleIntercept = 2.0, -100.0
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.save_as(tmp_path / "r.dcm")
+    img = read_image(tmp_path / "r.dcm")
+    raw = ds.pixel_array.astype(np.float64)
+    expected = (raw * 2 - 100 - (-100)) / (32767 * 2)   # range of the rescaled values is [-100, 65434]
+    np.testing.assert_allclose(img.pixels, expected, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------- bad inputs
+
+def test_missing_empty_and_directory(tmp_path):
+    with pytest.raises(ImageError, match="missing.png: file not found"):
+        read_image(tmp_path / "missing.png")
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(ImageError, match=r"empty.png: empty file \(0 bytes\)"):
+        read_image(tmp_path / "empty.png")
+    with pytest.raises(ImageError, match="is a directory"):
+        read_image(tmp_path)
+
+
+def test_corrupt_and_truncated(tmp_path):
+    (tmp_path / "junk.png").write_bytes(b"this is not an image at all")
+    with pytest.raises(ImageError, match="junk.png: not a readable image"):
+        read_image(tmp_path / "junk.png")
+    good = write_gray(tmp_path / "good.png", np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8))
+    data = good.read_bytes()
+    (tmp_path / "trunc.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageError, match="trunc.png: truncated or corrupt"):
+        read_image(tmp_path / "trunc.png")
+    (tmp_path / "bad.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\1\2\3")
+    with pytest.raises(ImageError, match="bad.dcm: (not a readable DICOM|DICOM file has no pixel data)"):
+        read_image(tmp_path / "bad.dcm")
+
+
+def test_truncated_dicom(dicom_chest, tmp_path):
+    data = dicom_chest.read_bytes()
+    (tmp_path / "t.dcm").write_bytes(data[: len(data) - 100_000])
+    with pytest.raises(ImageError, match="t.dcm"):
+        read_image(tmp_path / "t.dcm")
+
+
+def test_colour_transparent_and_palette(tmp_path):
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "c.png")
+    with pytest.raises(ImageError, match="c.png: colour image"):
+        read_image(tmp_path / "c.png")
+    assert read_image(tmp_path / "c.png", allow_color=True).size == (8, 8)
+    rgba = np.full((8, 8, 4), 100, np.uint8)
+    rgba[0, 0, 3] = 0
+    Image.fromarray(rgba).save(tmp_path / "a.png")
+    with pytest.raises(ImageError, match="a.png: image with transparency"):
+        read_image(tmp_path / "a.png")
+    pal = Image.fromarray(ramp()).convert("P")
+    pal.save(tmp_path / "p.png")
+    assert read_image(tmp_path / "p.png").bit_depth == 8      # gray palette: accepted
+    Image.fromarray(rng.random((8, 8)).astype(np.float32)).save(tmp_path / "f.tif")
+    with pytest.raises(ImageError, match="floating-point"):
+        read_image(tmp_path / "f.tif")
+
+
+def test_pixel_limit(tmp_path):
+    write_gray(tmp_path / "big.png", np.zeros((100, 100), np.uint8))
+    with pytest.raises(ImageError, match="exceeds the limit of 5000"):
+        read_image(tmp_path / "big.png", max_pixels=5000)
+
+
+def test_write_never_overwrites_input_and_leaves_no_temp(tmp_path):
+    src = write_gray(tmp_path / "in.png", ramp())
+    before = src.read_bytes()
+    with pytest.raises(ImageError, match="refusing to overwrite an input"):
+        write_png(src, np.zeros((4, 4), np.uint8), inputs=(src,))
+    assert src.read_bytes() == before
+    write_png(tmp_path / "out" / "o.png", ramp())
+    assert sorted(os.listdir(tmp_path / "out")) == ["o.png"]
+
+
+def test_failed_write_keeps_old_file(tmp_path, monkeypatch):
+    write_png(tmp_path / "o.png", ramp())
+    before = (tmp_path / "o.png").read_bytes()
+
+    def boom(self, *a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Image.Image, "save", boom)
+    with pytest.raises(OSError):
+        write_png(tmp_path / "o.png", np.zeros((4, 4), np.uint8))
+    assert (tmp_path / "o.png").read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["o.png"]
+
+
+def test_write_rejects_bad_arrays(tmp_path):
+    with pytest.raises(ValueError, match="expected a"):
+        write_png(tmp_path / "x.png", np.zeros((2, 2, 3), np.uint8))
+    with pytest.raises(ValueError, match="uint8 pixels but bit_depth=16"):
+        write_png(tmp_path / "x.png", np.zeros((2, 2), np.uint8), bit_depth=16)
+
+
+# ----------------------------------------------------------------------------------- transforms
+
+def test_normalisation_and_inversion():
+    p = np.array([[0.0, 0.25, 1.0]], np.float32)
+    x = to_model(p)
+    assert x.shape == (1, 1, 3)
+    np.testing.assert_allclose(x.numpy()[0], [[-1.0, -0.5, 1.0]])
+    np.testing.assert_allclose(from_model(x)[0], p)
+    xi = to_model(p, invert=True)
+    np.testing.assert_allclose(xi.numpy()[0], [[1.0, 0.5, -1.0]])
+    np.testing.assert_allclose(from_model(xi, invert=True)[0], p)
+    assert from_model(torch.tensor([[3.0, -3.0]])).tolist() == [[1.0, 0.0]]
+
+
+def test_resize_and_restore():
+    x = to_model(np.random.default_rng(0).random((60, 50)))
+    y = resize(x, 32)
+    assert y.shape == (1, 32, 32)
+    assert restore_size(y, (60, 50)).shape == (1, 60, 50)
+    assert resize(x, (60, 50)) is x
+    # constant images stay constant; bilinear upsampling matches OpenCV's half-pixel convention
+    np.testing.assert_allclose(resize(torch.full((1, 7, 9), 0.3), 16).numpy(), 0.3, atol=1e-6)
+    up = resize(torch.tensor([[[0.0, 1.0]]]), (1, 4))
+    np.testing.assert_allclose(up.numpy()[0, 0], [0.0, 0.25, 0.75, 1.0], atol=1e-6)
+    m = resize(torch.tensor([[[0.0, 1.0], [1.0, 0.0]]]), 4, mode="nearest")
+    assert set(m.unique().tolist()) == {0.0, 1.0}

@@ -1,0 +1,42 @@
+"""Atomic file writes: write to a temporary file in the target folder, then ``os.replace``.
+
+A crash or SIGKILL in the middle of a write leaves either the old file or the new one, never a
+truncated mix, because ``os.replace`` is atomic within one filesystem.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], Any], *inputs: str | os.PathLike) -> None:
+    """Call ``write(tmp_path)`` and rename the result onto ``path``.
+
+    Args:
+        path: destination; its folder is created if needed.
+        write: writes the complete file to the temporary path it is given.
+        inputs: files the output must never replace (the inputs it was computed from).
+    Raises:
+        FileExistsError: ``path`` is one of ``inputs``.
+    """
+    dst = Path(path)
+    for src in inputs:
+        if src and dst.exists() and Path(src).exists() and os.path.samefile(src, dst):
+            raise FileExistsError(f"{dst}: refusing to overwrite an input file with an output")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a UTF-8 text file atomically."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

@@ -1,0 +1,392 @@
+"""Typed configuration: dataclass schema + YAML files merged in order + ``--set a.b=value`` overrides.
+
+    cfg = load_config(["configs/szch.yaml", "configs/bs-ldm.yaml"], ["ldm_train.lr=1e-4"])
+
+Every YAML key must exist in the schema below and every value must have the field's type; the
+error names the file (or the ``--set`` item) and the dotted key. The resolved config is written to
+each run folder (``save_config``) and stored as a plain dict in every checkpoint
+(``config_to_dict`` / ``config_from_dict``).
+
+The defaults are GL-LCM's published values on SZCH-X-Rays (method.md §2–§5); the YAML files in
+``configs/`` nevertheless list every hyper-parameter explicitly so that a run is readable on its own.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from utils.atomic import atomic_write_text
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the source and the key."""
+
+
+# ----------------------------------------------------------------------------------------- schema
+
+@dataclass
+class RunConfig:
+    name: str = "run"                 # run folder: <out_dir>/<stage>/<NNN>-<name>
+    out_dir: str = "runs"
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass
+class SplitConfig:
+    seed: int = 42                    # the reference shuffled unseeded (§1.3); we never do
+    ratios: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # train/val/test
+    list_dir: str = ""                # where the list files go; "" = data.root
+    prefix: str = ""                  # <prefix>_trainset.txt ...; "" = data.name
+
+
+@dataclass
+class DataConfig:
+    name: str = "SZCH"
+    root: str = "datasets/SZCH-X-Rays"   # holds CXR/, BS/ and optionally Mask/, Masked_CXR/, Masked_BS/
+    image_size: int = 1024            # model input size (square); originals are resized to it
+    invert: bool = False              # negative images (I' = 1 - I), used for JSRT (§1.1)
+    use_masked: bool = True           # GL-LCM also trains on the lung-masked copies (§1.5)
+    augment: bool = False             # light augmentation; the reference used none (§1.2)
+    max_pixels: int = 100_000_000     # refuse larger images (decompression-bomb guard)
+    num_workers: int = 2
+    split: SplitConfig = field(default_factory=SplitConfig)
+
+
+@dataclass
+class SyntheticConfig:
+    n: int = 64                       # number of phantom pairs written by `dataSegmentation.py --synthetic`
+    size: int = 256
+    seed: int = 0
+    bit_depth: int = 8
+
+
+@dataclass
+class VQGANConfig:
+    """ML-VQGAN autoencoder (MONAI-Generative VQVAE layout, §2.1)."""
+    in_channels: int = 1
+    channels: list[int] = field(default_factory=lambda: [128, 256, 512])   # one stride-2 level each
+    num_res_channels: int = 512
+    num_res_layers: int = 2
+    embedding_dim: int = 4            # latent channels
+    num_embeddings: int = 1024        # codebook size K (BS-LDM 256, GL-LCM 1024)
+    commitment_cost: float = 0.25
+    decay: float = 0.5                # EMA codebook decay (reference 0.5; 0.99 is usual, §7.14)
+    epsilon: float = 1.0e-5
+
+
+@dataclass
+class DiscriminatorConfig:
+    """Patch discriminator (MONAI PatchDiscriminator, §2.2)."""
+    num_layers: int = 3
+    num_channels: int = 64
+
+
+@dataclass
+class VQLossConfig:
+    """Multi-level hybrid loss (§2.3)."""
+    recon: Literal["l1", "mse"] = "mse"
+    perceptual_weight: float = 0.001  # LPIPS-VGG; 0 turns it off (no ImageNet weights needed)
+    adversarial_weight: float = 0.01
+    adversarial_start: int = 0        # iteration at which the GAN terms switch on
+    msssim_weight: float = 1.0
+    msssim_data_range: float = 2.0    # fixed L for [-1, 1] images (the reference guessed it, §7.13)
+
+
+@dataclass
+class VQTrainConfig:
+    epochs: int = 300
+    batch_size: int = 4
+    lr_g: float = 1.0e-4
+    lr_d: float = 5.0e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    milestones: list[int] = field(default_factory=lambda: [200])   # in epochs (§7.10 fixed)
+    gamma: float = 0.5
+    val_every: int = 10               # epochs
+    ckpt_every: int = 10              # epochs
+    keep_last: int = 3                # checkpoints kept besides best.pt
+    log_every: int = 50               # iterations
+    amp: bool = True                  # bf16 autocast on CUDA (ignored on CPU)
+
+
+@dataclass
+class UNetConfig:
+    """Guided-diffusion UNet noise estimator, condition by channel concatenation (§3.2)."""
+    in_channels: int = 8              # [noisy soft-tissue latent ; CXR latent]
+    out_channels: int = 8             # the reference's 8 (only 4 supervised, §7.4); 4 is cleaner
+    model_channels: int = 128
+    channel_mult: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4, 4])
+    num_res_blocks: int = 8
+    attention_resolutions: list[int] = field(default_factory=lambda: [64, 32, 16, 8])
+    attention_as_factor: bool = True  # reference reads them as down-sampling factors (§7.8)
+    num_heads: int = 8
+    use_scale_shift_norm: bool = True
+    resblock_updown: bool = True
+    use_new_attention_order: bool = True
+    dropout: float = 0.0
+    grad_checkpoint: bool = False     # the reference always checkpointed attention (§7.9)
+
+
+@dataclass
+class DiffusionConfig:
+    """Noise schedule, offset noise and condition handling (§3.3, §3.5)."""
+    num_train_timesteps: int = 1000
+    beta_schedule: Literal["cosine", "scaled_linear", "linear"] = "scaled_linear"
+    beta_start: float = 0.00085       # ignored by the cosine schedule
+    beta_end: float = 0.012
+    offset_noise: float = 0.1         # 0 turns offset noise off
+    cond_mode: Literal["clean", "bug_compatible", "scaled_consistent"] = "clean"
+
+
+@dataclass
+class LDMTrainConfig:
+    mode: Literal["diffusion", "distill"] = "diffusion"
+    vqgan_ckpt: str = ""              # checkpoint of the frozen first stage
+    epochs: int = 600
+    batch_size: int = 4
+    lr: float = 1.0e-4
+    adam_eps: float = 1.0e-6
+    weight_decay: float = 0.01
+    milestones: list[int] = field(default_factory=lambda: [300, 400, 500])   # in epochs
+    gamma: float = 0.1
+    ema_decay: float = 0.995          # EMA weights are saved and used for evaluation
+    val_every: int = 10
+    ckpt_every: int = 10
+    keep_last: int = 3
+    log_every: int = 50
+    cache_latents: bool = True        # the VQGAN is frozen, so its latents can be computed once
+    amp: bool = True
+
+
+@dataclass
+class DistillConfig:
+    """Latent consistency distillation (§4.5)."""
+    teacher_ckpt: str = ""
+    num_ddim_timesteps: int = 50      # N; the skipping step is k = T / N = 20
+    target_ema: float = 0.95          # mu of the EMA target network
+    loss: Literal["l2", "huber"] = "huber"
+    huber_c: float = 0.001
+    sigma_data: float = 0.5
+    timestep_scaling: float = 10.0
+    guidance_scale: float = 0.0       # only with a teacher trained with condition dropout
+
+
+@dataclass
+class SamplerConfig:
+    """Sampling and temporal adaptive thresholding r_j = r0 + kappa * j (§4)."""
+    name: Literal["ddpm", "ddim", "lcm"] = "lcm"
+    steps: int = 50
+    eta: float = 0.0                  # DDIM only
+    clip: bool = True
+    clip_r0_global: float = 2.0
+    clip_r0_local: float = 3.5
+    clip_kappa: float = 0.025
+    clip_off_by_one: bool = False     # BS-LDM's repeated first range (§7.16), for bit-compatibility
+    seed: int = 42
+
+
+@dataclass
+class GlobalLocalConfig:
+    """GL-LCM dual-path inference, Local-Enhanced Guidance and fusion (§5)."""
+    enabled: bool = True
+    leg_mode: Literal["none", "noise", "global_pred", "global_cond"] = "noise"
+    alpha: float = 3.0
+    fusion: Literal["poisson", "alpha", "none"] = "poisson"
+    min_component_px: int = 100       # at 1024², scaled with the image area
+
+
+@dataclass
+class MetricsConfig:
+    mode: Literal["faithful", "corrected"] = "faithful"
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    vqgan: VQGANConfig = field(default_factory=VQGANConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    vq_loss: VQLossConfig = field(default_factory=VQLossConfig)
+    vq_train: VQTrainConfig = field(default_factory=VQTrainConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    ldm_train: LDMTrainConfig = field(default_factory=LDMTrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    global_local: GlobalLocalConfig = field(default_factory=GlobalLocalConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+
+# ---------------------------------------------------------------------------------- type checking
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, source: str, key: str) -> Any:
+    """Check ``value`` of ``key`` against the annotation ``tp``; return it (ints widened to float)."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{source}: key '{key}': expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None and len(args) < len(typing.get_args(tp)):
+            return None
+        return _coerce(value, args[0], source, key)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, source, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise ConfigError(f"{source}: key '{key}': unsupported field type {tp!r}")  # pragma: no cover - schema bug
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _merge(cls: type, base: dict, new: Any, source: str, prefix: str = "") -> None:
+    """Merge the mapping ``new`` into ``base`` (a dict shaped like ``cls``), validating as it goes."""
+    if not isinstance(new, dict):
+        raise ConfigError(f"{source}: '{prefix.rstrip('.') or '<top level>'}' must be a mapping, "
+                          f"got {type(new).__name__}")
+    hints = _hints(cls)
+    for key, value in new.items():
+        dotted = f"{prefix}{key}"
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), list(hints), n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"{source}: unknown key '{dotted}'{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            _merge(tp, base[key], value, source, dotted + ".")
+        else:
+            base[key] = _coerce(value, tp, source, dotted)
+
+
+def _build(cls: type, values: dict) -> Any:
+    hints = _hints(cls)
+    kwargs = {k: _build(hints[k], v) if dataclasses.is_dataclass(hints[k]) else v for k, v in values.items()}
+    return cls(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------- API
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"a.b=value"`` -> (["a", "b"], YAML-parsed value)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item}: expected key=value, e.g. --set ldm_train.lr=1e-4")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {item}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item}: value is not valid YAML ({e.__class__.__name__})") from None
+    return key.split("."), value
+
+
+def load_config(paths: list[str | Path] | tuple = (), overrides: list[str] | tuple = ()) -> Config:
+    """Merge YAML ``paths`` in order over the schema defaults, then apply ``overrides``.
+
+    Raises:
+        ConfigError: missing/unreadable file, invalid YAML, unknown key or wrong type; the message
+            names the file (or the ``--set`` item) and the dotted key.
+    """
+    values = dataclasses.asdict(Config())
+    for path in paths:
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{p}: config file not found") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{p}: cannot read config file ({e})") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: invalid YAML ({' '.join(str(e).split())})") from None
+        if data is None:
+            continue
+        _merge(Config, values, data, str(p))
+    for item in overrides:
+        keys, value = parse_override(item)
+        nested: Any = value
+        for k in reversed(keys):
+            nested = {k: nested}
+        _merge(Config, values, nested, f"--set {item}")
+    return _build(Config, values)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """Plain dict of builtins (what checkpoints and config.yaml store)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict, source: str = "<dict>") -> Config:
+    """Rebuild a :class:`Config` from ``config_to_dict`` output, with the same strict checks."""
+    values = dataclasses.asdict(Config())
+    _merge(Config, values, data, source)
+    return _build(Config, values)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML, atomically; loading it back gives an equal config."""
+    atomic_write_text(path, dump_config(cfg))
+
+
+def add_config_args(parser: argparse.ArgumentParser, default: list[str] | None = None) -> None:
+    """Add ``--config FILE [FILE ...]`` and repeatable ``--set key=value`` to a script's parser."""
+    parser.add_argument("--config", nargs="+", default=default or [], metavar="FILE",
+                        help="YAML config files, merged left to right")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one value, e.g. --set ldm_train.lr=1e-4 (repeatable)")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.overrides)
