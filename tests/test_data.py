@@ -1,0 +1,197 @@
+"""Splits, list files, datasets and the dataSegmentation.py scan / report / split."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dataSegmentation
+from data.datasets import ImageDataset, PairedDataset, split_list
+from data.io import ImageError, read_image
+from data.masking import binarize_mask, masked_copy
+from data.splits import list_images, list_paths, read_list, read_split, split_names, write_split
+from tests.conftest import write_gray
+from utils.config import load_config
+
+
+# ------------------------------------------------------------------------------------------ splits
+
+def test_split_counts_follow_gl_lcm():
+    names = [f"{i}.png" for i in range(818)]
+    s = split_names(names, [0.8, 0.1, 0.1], seed=42)
+    assert [len(s[k]) for k in ("train", "val", "test")] == [654, 81, 83]
+    assert sorted(s["train"] + s["val"] + s["test"]) == sorted(names)
+    j = split_names(names[:241], [0.8, 0.1, 0.1], seed=0)
+    assert [len(j[k]) for k in ("train", "val", "test")] == [192, 24, 25]
+
+
+def test_split_is_reproducible_and_seeded():
+    names = [f"n{i}.png" for i in range(50)]
+    a = split_names(names, seed=3)
+    assert a == split_names(list(reversed(names)), seed=3)     # input order does not matter
+    assert a != split_names(names, seed=4)
+
+
+@pytest.mark.parametrize("ratios", [[0.8, 0.2], [0.5, 0.5, 0.5], [1.2, -0.1, -0.1]])
+def test_bad_ratios(ratios):
+    with pytest.raises(ValueError, match="ratios"):
+        split_names(["a", "b"], ratios)
+
+
+def test_list_files_refuse_overwrite_and_read_back(tmp_path):
+    split = split_names([f"{i}.png" for i in range(10)], seed=1)
+    paths = write_split(split, tmp_path, "X")
+    assert paths["train"].name == "X_trainset.txt"
+    assert read_split(tmp_path, "X") == split
+    before = paths["test"].read_text()
+    with pytest.raises(FileExistsError, match="--force"):
+        write_split(split_names([f"{i}.png" for i in range(10)], seed=2), tmp_path, "X")
+    assert paths["test"].read_text() == before
+    write_split(split, tmp_path, "X", force=True)
+
+
+def test_read_list_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.txt: split list not found"):
+        read_list(tmp_path / "nope.txt")
+    (tmp_path / "d.txt").write_text("a.png\n\n# comment\na.png\n")
+    with pytest.raises(ValueError, match="'a.png' is listed twice"):
+        read_list(tmp_path / "d.txt")
+    for s, p in list_paths(tmp_path, "O").items():
+        p.write_text("same.png\n")
+    with pytest.raises(ValueError, match="in both the train and val lists"):
+        read_split(tmp_path, "O")
+
+
+# ----------------------------------------------------------------------------------------- datasets
+
+def test_paired_dataset_items(pair_folder):
+    names = list_images(pair_folder / "CXR")
+    ds = PairedDataset(pair_folder, names, image_size=16, with_mask=True)
+    item = ds[0]
+    assert item["cxr"].shape == item["bs"].shape == item["mask"].shape == (1, 16, 16)
+    assert item["cxr"].min() >= -1 and item["cxr"].max() <= 1
+    assert set(item["mask"].unique().tolist()) <= {0.0, 1.0}
+    assert item["name"] == names[0] and item["size"] == (32, 32)
+    raw = read_image(pair_folder / "CXR" / names[0]).pixels
+    np.testing.assert_allclose(PairedDataset(pair_folder, names, 32)[0]["cxr"][0].numpy(), raw * 2 - 1, atol=1e-6)
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
+    assert batch["cxr"].shape == (4, 1, 16, 16) and len(batch["name"]) == 4
+
+
+def test_paired_dataset_augmentation_is_seeded_and_shared(pair_folder):
+    names = list_images(pair_folder / "CXR")
+    plain = PairedDataset(pair_folder, names, 32, with_mask=True)[0]
+    a = PairedDataset(pair_folder, names, 32, with_mask=True, augment=True, seed=5)
+    b = PairedDataset(pair_folder, names, 32, with_mask=True, augment=True, seed=5)
+    ia, ib = a[0], b[0]
+    assert torch.equal(ia["cxr"], ib["cxr"]) and not torch.equal(ia["cxr"], plain["cxr"])
+    # CXR and BS moved together: BS = 0.8 CXR held before the warp, so it (roughly) holds after it
+    assert torch.corrcoef(torch.stack([ia["cxr"].flatten(), ia["bs"].flatten()]))[0, 1] > 0.9
+    a.set_epoch(1)
+    assert not torch.equal(a[0]["cxr"], ia["cxr"])
+
+
+def test_paired_dataset_errors(pair_folder):
+    with pytest.raises(FileNotFoundError, match="Masked_CXR"):
+        PairedDataset(pair_folder, ["case00.png"], 16, masked=True)
+    write_gray(pair_folder / "BS" / "case00.png", np.zeros((20, 20), np.uint8))
+    with pytest.raises(ImageError, match="differs from its CXR"):
+        PairedDataset(pair_folder, ["case00.png"], 16)[0]
+
+
+def test_image_dataset_union(pair_folder):
+    names = list_images(pair_folder / "CXR")[:3]
+    ds = ImageDataset(pair_folder, names, ["CXR", "BS"], 16)
+    assert len(ds) == 6 and ds[4]["subdir"] == "BS" and ds[4]["image"].shape == (1, 16, 16)
+
+
+def test_masked_copy():
+    img = np.array([[0.2, 0.4], [0.6, 1.0]], np.float32)
+    mask = binarize_mask(np.array([[1.0, 0.0], [0.6, 0.4]]))
+    out = masked_copy(img, mask)
+    np.testing.assert_allclose(out, [[0.0, 0.0], [0.5, 0.0]], atol=1e-6)
+
+
+# ------------------------------------------------------------------------------- dataSegmentation
+
+def demo_cfg(root, **extra):
+    sets = [f"data.root={root}", "data.name=t"] + [f"{k}={v}" for k, v in extra.items()]
+    return load_config([], sets)
+
+
+def test_scan_split_and_masked_copies(pair_folder, capsys):
+    cfg = demo_cfg(pair_folder)
+    report = dataSegmentation.main(cfg, progress=False)
+    assert len(report.pairs) == 10 and not report.problems
+    split = read_split(pair_folder, "t")
+    assert sum(len(v) for v in split.values()) == 10 and len(split["train"]) == 8
+    assert split_list(cfg.data, "test") == split["test"]
+    assert list_images(pair_folder / "Masked_CXR") == list_images(pair_folder / "CXR")
+    m = read_image(pair_folder / "Masked_BS" / "case03.png").pixels
+    mask = read_image(pair_folder / "Mask" / "case03.png").pixels > 0.5
+    assert (m[~mask] == 0).all() and m[mask].max() == 1.0
+    assert (pair_folder / "t_config.yaml").is_file()
+    # same config -> same split; refuses to overwrite without force
+    with pytest.raises(FileExistsError, match="--force"):
+        dataSegmentation.main(cfg, progress=False)
+    dataSegmentation.main(cfg, force=True, progress=False)
+    assert read_split(pair_folder, "t") == split
+
+
+def test_bad_inputs_are_reported_not_dropped(pair_folder, capsys):
+    rng = np.random.default_rng(0)
+    (pair_folder / "CXR" / "case01.png").write_bytes(b"corrupt")                    # unreadable
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(pair_folder / "BS" / "case02.png")
+    opaque = np.full((32, 32, 4), 9, np.uint8)
+    opaque[..., 3] = 255
+    Image.fromarray(opaque).save(pair_folder / "CXR" / "case03.png")                 # gray as RGBA: fine
+    rgba = np.full((32, 32, 4), 9, np.uint8)
+    rgba[..., 3] = 10
+    Image.fromarray(rgba).save(pair_folder / "CXR" / "case04.png")                   # transparent RGBA
+    write_gray(pair_folder / "BS" / "case05.png", np.zeros((16, 32), np.uint8))      # size mismatch
+    (pair_folder / "CXR" / "case06.png").unlink()                                   # missing partner
+    write_gray(pair_folder / "CXR" / "extra.png", np.zeros((32, 32), np.uint8))      # missing partner
+    (pair_folder / "BS" / "notes.txt").write_text("hello")                           # not an image
+    report = dataSegmentation.main(demo_cfg(pair_folder), progress=False)
+    text = (pair_folder / "t_report.txt").read_text()
+    problems = dict(report.problems)
+    assert "not a readable image" in problems[str(pair_folder / "CXR" / "case01.png")]
+    assert "colour image" in problems[str(pair_folder / "BS" / "case02.png")]
+    assert "transparency" in problems[str(pair_folder / "CXR" / "case04.png")]
+    assert "differs from its CXR" in problems[str(pair_folder / "BS" / "case05.png")]
+    assert "no CXR partner" in problems[str(pair_folder / "BS" / "case06.png")]
+    assert "no soft-tissue partner" in problems[str(pair_folder / "CXR" / "extra.png")]
+    assert "not an image file" in problems[str(pair_folder / "BS" / "notes.txt")]
+    assert sorted(report.pairs) == ["case00.png", "case03.png", "case07.png", "case08.png", "case09.png"]
+    for f in problems:
+        assert f in text
+    assert "problem:" in capsys.readouterr().err
+    listed = sum(read_split(pair_folder, "t").values(), [])
+    assert sorted(listed) == sorted(report.pairs)
+
+
+def test_strict_and_empty(pair_folder, tmp_path):
+    write_gray(pair_folder / "BS" / "case05.png", np.zeros((16, 32), np.uint8))
+    with pytest.raises(ValueError, match="1 problem"):
+        dataSegmentation.main(demo_cfg(pair_folder), strict=True, progress=False)
+    assert not (pair_folder / "t_trainset.txt").exists()
+    empty = tmp_path / "empty"
+    (empty / "CXR").mkdir(parents=True)
+    (empty / "BS").mkdir()
+    with pytest.raises(ValueError, match="problem"):
+        dataSegmentation.main(demo_cfg(empty), progress=False)
+    with pytest.raises(FileNotFoundError, match="dataset folder not found"):
+        dataSegmentation.main(demo_cfg(tmp_path / "nowhere"), progress=False)
+
+
+def test_cli_error_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out = subprocess.run([sys.executable, "dataSegmentation.py", "--set", f"data.root={tmp_path}/x",
+                          "--set", "data.nme=1"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip() == "error: --set data.nme=1: unknown key 'data.nme' (did you mean 'data.name'?)"
