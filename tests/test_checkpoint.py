@@ -1,0 +1,122 @@
+"""Checkpoints: round trip, safe loading, mismatch errors, pruning; run folders and logs."""
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from utils.checkpoint import (CheckpointError, CheckpointManager, load_checkpoint, load_state,
+                              require_same_section, save_checkpoint)
+from utils.config import Config, config_to_dict
+from utils.logging import CSVLogger, make_run_dir, plot_curves, save_grid
+
+
+def small_state():
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    net(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    return net, opt
+
+
+def test_round_trip(tmp_path):
+    net, opt = small_state()
+    save_checkpoint(tmp_path / "c.pt", kind="toy", step=7, epoch=2, config=config_to_dict(Config()),
+                    state={"model": net.state_dict(), "opt": opt.state_dict()}, extra={"rng": torch.get_rng_state()})
+    ckpt = load_checkpoint(tmp_path / "c.pt", kind="toy")
+    assert ckpt["step"] == 7 and ckpt["epoch"] == 2 and ckpt["config"] == config_to_dict(Config())
+    net2 = torch.nn.Linear(3, 2)
+    load_state(net2, ckpt["state"]["model"], "c.pt", "model")
+    x = torch.randn(5, 3)
+    assert torch.equal(net(x), net2(x))
+    opt2 = torch.optim.AdamW(net2.parameters(), lr=1e-3)
+    opt2.load_state_dict(ckpt["state"]["opt"])
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+
+class Exploit:
+    def __reduce__(self):
+        import os
+        return (os.system, ("touch EXPLOITED",))
+
+
+def test_malicious_pickle_is_refused_and_not_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"format": "x", "payload": Exploit()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="evil.pt: refused"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not (tmp_path / "EXPLOITED").exists()
+    with open(tmp_path / "evil.pkl", "wb") as f:
+        pickle.dump(Exploit(), f)
+    with pytest.raises(CheckpointError, match="evil.pkl"):
+        load_checkpoint(tmp_path / "evil.pkl")
+    assert not (tmp_path / "EXPLOITED").exists()
+
+
+def test_whole_model_pickles_and_junk_refused(tmp_path):
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "model.pth")   # the reference's torch.save(model)
+    with pytest.raises(CheckpointError, match="model.pth: refused"):
+        load_checkpoint(tmp_path / "model.pth")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "plain.pt")
+    with pytest.raises(CheckpointError, match="not a checkpoint of this project"):
+        load_checkpoint(tmp_path / "plain.pt")
+    (tmp_path / "junk.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="junk.pt: not a readable checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt")
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "none.pt")
+    net, _ = small_state()
+    save_checkpoint(tmp_path / "t.pt", kind="toy", step=1, epoch=0, config={}, state={"model": net.state_dict()})
+    data = (tmp_path / "t.pt").read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="trunc.pt: not a readable checkpoint"):
+        load_checkpoint(tmp_path / "trunc.pt")
+    with pytest.raises(CheckpointError, match="is a 'toy' checkpoint, expected 'vqgan'"):
+        load_checkpoint(tmp_path / "t.pt", kind="vqgan")
+
+
+def test_mismatch_messages(tmp_path):
+    cfg = config_to_dict(Config())
+    other = config_to_dict(Config())
+    other["vqgan"]["num_embeddings"] = 256
+    ckpt = {"config": other}
+    with pytest.raises(CheckpointError, match=r"vqgan.num_embeddings: checkpoint 256 vs config 1024"):
+        require_same_section(ckpt, "x.pt", cfg["vqgan"], "vqgan")
+    with pytest.raises(CheckpointError, match=r"'model' does not match this architecture: .*of another shape"):
+        load_state(torch.nn.Linear(3, 4), torch.nn.Linear(3, 2).state_dict(), "x.pt", "model")
+    with pytest.raises(CheckpointError, match="missing"):
+        load_state(torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2)),
+                   torch.nn.Sequential(torch.nn.Linear(3, 2)).state_dict(), "x.pt", "model")
+
+
+def test_manager_keeps_last_and_points_at_latest(tmp_path):
+    m = CheckpointManager(tmp_path, keep_last=2)
+    assert m.latest() is None
+    for step in (10, 20, 30):
+        m.save(step=step, kind="toy", epoch=0, config={}, state={}, best=(step == 20))
+    assert [p.name for p in m.step_files()] == ["step_0000020.pt", "step_0000030.pt"]
+    assert m.latest().name == "step_0000030.pt"
+    assert load_checkpoint(tmp_path / "checkpoints" / "best.pt")["step"] == 20
+    (tmp_path / "checkpoints" / "latest.json").write_text("{broken")
+    assert m.latest().name == "step_0000030.pt"
+    json.loads('{"a": 1}')
+
+
+def test_run_dir_csv_plot_grid(tmp_path):
+    a, b = make_run_dir(tmp_path, "vqgan", "x"), make_run_dir(tmp_path, "vqgan", "x")
+    assert (a.name, b.name) == ("000-x", "001-x")
+    log = CSVLogger(a / "metrics.csv")
+    for s in range(5):
+        log.log({"step": s, "loss": 1.0 / (s + 1)})
+    log.log({"step": 5, "loss": 0.1, "val_loss": 0.2})
+    again = CSVLogger(a / "metrics.csv")
+    assert len(again.rows) == 6 and again.rows[-1]["val_loss"] == "0.2"
+    again.truncate_after(2)
+    assert len(again.rows) == 3
+    plot_curves(a / "metrics.csv", a / "curves.png")
+    assert (a / "curves.png").stat().st_size > 1000
+    save_grid(a / "grid.png", [torch.rand(2, 1, 8, 8) * 2 - 1, torch.zeros(2, 1, 8, 8)])
+    from PIL import Image
+    assert Image.open(a / "grid.png").size == (16, 16)

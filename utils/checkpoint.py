@@ -1,0 +1,147 @@
+"""Checkpoints: dicts of state dicts with the config and step, written atomically, loaded safely.
+
+Layout of a checkpoint file (``torch.save`` of plain containers and tensors only)::
+
+    {"format": FORMAT, "kind": "vqgan" | "ldm" | ..., "step": int, "epoch": int,
+     "config": config_to_dict(cfg), "state": {"model": sd, "opt": sd, ...}, "extra": {...}}
+
+Loading always uses ``torch.load(weights_only=True)``: a file that needs arbitrary unpickling (a
+whole pickled model, or a file crafted to run code) is refused before anything in it runs.
+:class:`CheckpointManager` keeps ``checkpoints/step_NNNNNNN.pt`` files, the last N of them, a
+``latest.json`` pointer and an optional ``best.pt``, so a crash at any moment loses at most one
+checkpoint interval and never the last good checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from utils.atomic import atomic_write, atomic_write_text
+
+FORMAT = "bone-suppression-checkpoint/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used; the message names the file and the reason."""
+
+
+def save_checkpoint(path: str | Path, *, kind: str, step: int, epoch: int, config: dict,
+                    state: dict[str, dict], extra: dict | None = None) -> None:
+    """Write a checkpoint atomically (temporary file + rename)."""
+    payload = {"format": FORMAT, "kind": kind, "step": int(step), "epoch": int(epoch), "config": config,
+               "state": state, "extra": extra or {}}
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_checkpoint(path: str | Path, kind: str | None = None) -> dict:
+    """Load a checkpoint on the CPU with ``weights_only=True``.
+
+    Raises:
+        CheckpointError: missing, unreadable, unsafe (needs unpickling of objects), not a checkpoint of
+            this project, or of another ``kind``.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p}: checkpoint not found")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's weights-only unpickler names the global it refused; anything else is corruption.
+        found = re.search(r"(?:unsupported GLOBAL|Unsupported global:)\s*(?:GLOBAL\s*)?([\w.]+)", str(e))
+        if found or "allowlist" in str(e):
+            what = found.group(1) if found else "a Python class"
+            raise CheckpointError(f"{p}: refused, the file holds pickled Python objects ({what}), not only "
+                                  "tensors; only state-dict checkpoints are loaded (weights_only=True)") from None
+        raise CheckpointError(f"{p}: not a readable checkpoint (corrupt pickle data)") from None
+    except Exception as e:  # truncated zip, not a torch file, permission
+        raise CheckpointError(f"{p}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{p}: not a checkpoint of this project (no '{FORMAT}' header); "
+                              "whole pickled models from the reference code are not loaded")
+    if kind is not None and ckpt.get("kind") != kind:
+        raise CheckpointError(f"{p}: is a '{ckpt.get('kind')}' checkpoint, expected '{kind}'")
+    return ckpt
+
+
+def config_mismatch(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts (or sections of them)."""
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += config_mismatch(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key}: checkpoint {a!r} vs config {b!r}")
+    return diffs
+
+
+def require_same_section(ckpt: dict, path: str | Path, current: dict, section: str) -> None:
+    """Refuse a checkpoint whose ``config[section]`` (e.g. the architecture) differs from ``current``."""
+    diffs = config_mismatch(ckpt["config"].get(section, {}), current, f"{section}.")
+    if diffs:
+        raise CheckpointError(f"{path}: built with another {section} config: " + "; ".join(diffs))
+
+
+def load_state(module: torch.nn.Module, state: dict, path: str | Path, name: str) -> None:
+    """``load_state_dict(strict=True)`` with one readable error instead of a wall of keys."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if shapes:
+            parts.append(f"{len(shapes)} of another shape (e.g. {shapes[0]})")
+        raise CheckpointError(f"{path}: '{name}' does not match this architecture: " + ", ".join(parts))
+    module.load_state_dict(state)
+
+
+class CheckpointManager:
+    """Step-numbered checkpoints in ``run_dir/checkpoints`` with ``latest.json`` and pruning."""
+
+    def __init__(self, run_dir: str | Path, keep_last: int = 3):
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        self.dir = Path(run_dir) / "checkpoints"
+        self.keep_last = keep_last
+
+    def path_for(self, step: int) -> Path:
+        return self.dir / f"step_{step:07d}.pt"
+
+    def save(self, *, step: int, best: bool = False, **kwargs: Any) -> Path:
+        """Write ``step_NNNNNNN.pt`` (and ``best.pt``), then point ``latest.json`` at it, then prune."""
+        path = self.path_for(step)
+        save_checkpoint(path, step=step, **kwargs)
+        if best:
+            save_checkpoint(self.dir / "best.pt", step=step, **kwargs)
+        # The pointer moves only after the file is complete, so it never names a partial file.
+        atomic_write_text(self.dir / "latest.json", json.dumps({"step": step, "file": path.name}) + "\n")
+        for old in self.step_files()[: -self.keep_last]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def step_files(self) -> list[Path]:
+        files = [p for p in self.dir.glob("step_*.pt") if re.fullmatch(r"step_\d{7}\.pt", p.name)]
+        return sorted(files)
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint, or None. Falls back to the file list if latest.json is bad."""
+        pointer = self.dir / "latest.json"
+        try:
+            target = self.dir / json.loads(pointer.read_text())["file"]
+            if target.is_file():
+                return target
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        files = self.step_files()
+        return files[-1] if files else None
