@@ -65,7 +65,7 @@ def write_split(split: dict[str, list[str]], list_dir: str | Path, prefix: str, 
 
 
 def read_list(path: str | Path) -> list[str]:
-    """Names in a list file (blank lines and '#' comments ignored).
+    """Names in a list file, one per line (blank lines and '#' comments ignored).
 
     Raises:
         FileNotFoundError / ValueError: missing file, or a name listed twice; the message names the file.
@@ -73,8 +73,8 @@ def read_list(path: str | Path) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p}: split list not found (run dataSegmentation.py first)")
-    names = [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
-    names = [n for n in names if n and not n.startswith("#")]
+    names = [line.split("#", 1)[0].strip() for line in p.read_text(encoding="utf-8").splitlines()]
+    names = [n for n in names if n]
     seen: set[str] = set()
     for n in names:
         if n in seen:
