@@ -350,13 +350,17 @@ def load_config(paths: list[str | Path] | tuple = (), overrides: list[str] | tup
         if data is None:
             continue
         _merge(Config, values, data, str(p))
+    _apply_overrides(values, overrides)
+    return _build(Config, values)
+
+
+def _apply_overrides(values: dict, overrides: list[str] | tuple) -> None:
     for item in overrides:
         keys, value = parse_override(item)
         nested: Any = value
         for k in reversed(keys):
             nested = {k: nested}
         _merge(Config, values, nested, f"--set {item}")
-    return _build(Config, values)
 
 
 def config_to_dict(cfg: Config) -> dict:
@@ -364,10 +368,12 @@ def config_to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def config_from_dict(data: dict, source: str = "<dict>") -> Config:
-    """Rebuild a :class:`Config` from ``config_to_dict`` output, with the same strict checks."""
+def config_from_dict(data: dict, source: str = "<dict>", overrides: list[str] | tuple = ()) -> Config:
+    """Rebuild a :class:`Config` from ``config_to_dict`` output (e.g. a checkpoint's), with the same
+    strict checks, then apply ``--set`` ``overrides``."""
     values = dataclasses.asdict(Config())
     _merge(Config, values, data, source)
+    _apply_overrides(values, overrides)
     return _build(Config, values)
 
 

@@ -1,0 +1,42 @@
+"""Helpers for the script tests: import hyphenated scripts, build a tiny dataset and config."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from tests.conftest import ROOT, write_gray
+from utils.config import load_config
+
+
+def load_script(name: str):
+    """Import a top-level script such as ``vq-gan_train.py`` as a module (no work at import)."""
+    path = ROOT / name
+    spec = importlib.util.spec_from_file_location(name.replace("-", "_").removesuffix(".py"), path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_dataset(root: Path, n: int = 12, size: int = 40, seed: int = 0) -> Path:
+    """n smooth random pairs (BS = 0.8 CXR) plus the split lists, via dataSegmentation.main."""
+    import dataSegmentation
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    for i in range(n):
+        name = f"c{i:02d}.png"
+        base = 0.5 + 0.3 * np.sin(2 * np.pi * (xx * rng.uniform(1, 3) + yy * rng.uniform(1, 3)))
+        cxr = np.clip(base + 0.05 * rng.standard_normal((size, size)), 0, 1)
+        write_gray(root / "CXR" / name, (cxr * 255).astype(np.uint8))
+        write_gray(root / "BS" / name, (cxr * 0.8 * 255).astype(np.uint8))
+    dataSegmentation.main(smoke_config(root, root.parent / "runs"), progress=False)
+    return root
+
+
+def smoke_config(data_root: Path, out_dir: Path, *overrides: str):
+    return load_config([ROOT / "configs" / "demo.yaml", ROOT / "configs" / "smoke.yaml"],
+                       [f"data.root={data_root}", f"run.out_dir={out_dir}", *overrides])

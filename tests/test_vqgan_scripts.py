@@ -1,0 +1,132 @@
+"""vq-gan_train.py and vq-gan_eval.py end to end on a tiny dataset (CPU)."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from data.io import read_image
+from tests.conftest import ROOT
+from tests.scripts import load_script, smoke_config, tiny_dataset
+from utils.checkpoint import CheckpointError, load_checkpoint
+
+train = load_script("vq-gan_train.py")
+evaluate = load_script("vq-gan_eval.py")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return tiny_dataset(tmp_path_factory.mktemp("vq") / "ds")
+
+
+def model_state(run_dir):
+    ckpt = load_checkpoint(run_dir / "checkpoints" / json.loads((run_dir / "checkpoints" / "latest.json")
+                                                                 .read_text())["file"])
+    return ckpt
+
+
+def test_train_writes_run_folder(dataset, tmp_path):
+    run = train.main(smoke_config(dataset, tmp_path), progress=False)
+    assert run.parent == tmp_path / "vqgan"
+    for f in ("config.yaml", "log.txt", "metrics.csv", "curves.png", "samples/val_0002.png",
+              "checkpoints/best.pt", "checkpoints/latest.json"):
+        assert (run / f).is_file(), f
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert {r["split"] for r in rows} == {"train", "val"}
+    assert all(float(r["loss_g"]) > 0 for r in rows if r["split"] == "train")
+    ckpt = model_state(run)
+    assert ckpt["kind"] == "vqgan" and ckpt["epoch"] == 1 and ckpt["step"] == 10   # 18 images / 4 = 5 it/epoch
+    assert set(ckpt["state"]) == {"model", "opt_g", "sched_g", "disc", "opt_d", "sched_d"}
+    # milestones in epochs: the LR halves after epoch 1 (iteration 5) for G and for D
+    assert ckpt["state"]["sched_g"]["_last_lr"] == [0.5e-4]
+    assert ckpt["state"]["sched_d"]["_last_lr"] == [2.5e-4]
+
+
+def test_resume_is_exact(dataset, tmp_path):
+    straight = train.main(smoke_config(dataset, tmp_path / "a"), progress=False)
+    first = train.main(smoke_config(dataset, tmp_path / "b", "vq_train.epochs=1"), progress=False)
+    resumed = train.main(smoke_config(dataset, tmp_path / "b", "vq_train.epochs=2"), resume=first, progress=False)
+    assert resumed == first
+    a, b = model_state(straight), model_state(resumed)
+    assert a["step"] == b["step"] == 10
+    for part in ("model", "disc"):
+        for k, v in a["state"][part].items():
+            assert torch.equal(v, b["state"][part][k]), (part, k)
+    rows = list(csv.DictReader(open(resumed / "metrics.csv")))
+    assert [int(r["step"]) for r in rows if r["split"] == "val"] == [5, 10]
+
+
+def test_resume_refuses_other_architecture(dataset, tmp_path):
+    run = train.main(smoke_config(dataset, tmp_path, "vq_train.epochs=1"), progress=False)
+    with pytest.raises(CheckpointError, match=r"vqgan.num_embeddings: checkpoint 16 vs config 32"):
+        train.main(smoke_config(dataset, tmp_path, "vqgan.num_embeddings=32"), resume=run, progress=False)
+
+
+def test_missing_perceptual_weights_stop_before_any_work(dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_hub"))
+    with pytest.raises(FileNotFoundError, match=r"vgg16-397923af\.pth.*empty_hub"):
+        train.main(smoke_config(dataset, tmp_path / "runs", "vq_loss.perceptual_weight=0.001"), progress=False)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_nonfinite_loss_stops_and_keeps_checkpoint(dataset, tmp_path, monkeypatch):
+    real = train.build_hybrid_loss
+
+    def poisoned(*a, **k):
+        loss = real(*a, **k)
+        gen = loss.generator_loss
+
+        def generator_loss(x, x_rec, commit, step):
+            value, logs = gen(x, x_rec, commit, step)
+            return (value * float("nan") if step >= 7 else value), logs
+
+        loss.generator_loss = generator_loss
+        return loss
+
+    monkeypatch.setattr(train, "build_hybrid_loss", poisoned)
+    with pytest.raises(FloatingPointError, match=r"non-finite generator loss at step 7 .*step_0000005\.pt"):
+        train.main(smoke_config(dataset, tmp_path), progress=False)
+    run = next((tmp_path / "vqgan").iterdir())
+    assert load_checkpoint(run / "checkpoints" / "step_0000005.pt")["step"] == 5
+
+
+def test_eval_reconstructs_native_size(dataset, tmp_path, capsys):
+    run = train.main(smoke_config(dataset, tmp_path, "vq_train.epochs=1"), progress=False)
+    ckpt = run / "checkpoints" / "best.pt"
+    cfg = evaluate.config_for(evaluate.build_parser().parse_args(["--ckpt", str(ckpt)]))
+    summary = evaluate.main(cfg, ckpt, split="test", progress=False)
+    out = run / "eval" / "test"
+    rows = list(csv.DictReader(open(out / "recon_metrics.csv")))
+    assert len(rows) == summary["scored"] == 2 * len((dataset / "demo_testset.txt").read_text().split())
+    src = read_image(dataset / rows[0]["name"])
+    assert read_image(out / rows[0]["name"]).size == src.size == (40, 40)       # 40 is not a multiple of f=4
+    assert 0 < summary["codebook"]["perplexity"] <= 16 and "codebook: perplexity" in capsys.readouterr().out
+    # a folder with a corrupt file: reported, the rest scored, exit status 1
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "bad.png").write_bytes(b"nope")
+    (folder / "good.png").write_bytes((dataset / "CXR" / "c00.png").read_bytes())
+    res = subprocess.run([sys.executable, "vq-gan_eval.py", "--ckpt", str(ckpt), "--input", str(folder),
+                          "--out", str(tmp_path / "o"), "--no-progress"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 1 and "bad.png: not a readable image" in res.stderr
+    assert (tmp_path / "o" / "good.png").is_file()
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(dataset, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "vq-gan_train.py", "--config", "configs/demo.yaml", "configs/smoke.yaml",
+                          "--set", f"data.root={dataset}", "--set", f"run.out_dir={tmp_path}", "--no-progress"],
+                         cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "2 process(es)" in res.stdout
+    runs = list((tmp_path / "vqgan").iterdir())
+    assert len(runs) == 1                     # rank 0 made the folder, rank 1 used the same one
+    ckpt = model_state(runs[0])
+    assert ckpt["step"] == 6                  # 18 images over 2 ranks, batch 4: 3 iterations per epoch

@@ -1,0 +1,164 @@
+"""Evaluate a trained ML-VQGAN: reconstruct images of any size, score them, report codebook use.
+
+Usage:
+    python vq-gan_eval.py --ckpt runs/vqgan/000-demo/checkpoints/best.pt             # test split
+    python vq-gan_eval.py --ckpt CKPT --split val --set data.root=/data/SZCH-X-Rays
+    python vq-gan_eval.py --ckpt CKPT --input some/folder --out recon/
+
+Images are reconstructed at their native size: each is padded (edge replication) to a multiple of
+the downsampling factor f, encoded, quantised, decoded and cropped back, then written with the
+source's bit depth under ``--out`` (default ``<run>/eval/<split or folder name>/``), keeping the
+split's sub-folders (CXR/, BS/ ...). ``recon_metrics.csv`` holds per-image PSNR, SSIM and MS-SSIM
+on [0, 1] and ``recon_summary.json`` their mean ± population std and the codebook usage
+(perplexity, unused codes) over all images; the summary is also printed.
+
+The config is the checkpoint's own (``--set`` may change data paths); the model is rebuilt from it.
+Unreadable images are reported per file and skipped; the exit status is 1 if any image failed.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from skimage.metrics import structural_similarity
+from tqdm import tqdm
+
+from data.datasets import split_list
+from data.io import ImageError, is_image_file, read_image, write_png
+from data.transforms import from_model, to_model
+from models import build_vqgan
+from models.msssim import MSSSIM
+from models.vqgan import codebook_counts, usage_from_counts
+from utils.atomic import atomic_write_text
+from utils.checkpoint import CheckpointError, load_checkpoint, load_state
+from utils.config import ConfigError, config_from_dict, load_config
+from utils.dist import resolve_device
+
+STAGE = "vqgan"
+
+
+def load_vqgan(ckpt_path: str | Path, device: torch.device):
+    """(model in eval mode, its config) rebuilt from a stage-1 checkpoint."""
+    ckpt = load_checkpoint(ckpt_path, kind=STAGE)
+    cfg = config_from_dict(ckpt["config"], source=f"{ckpt_path} (config)")
+    model = build_vqgan(cfg.vqgan)
+    load_state(model, ckpt["state"]["model"], ckpt_path, "model")
+    return model.to(device).eval(), cfg
+
+
+@torch.no_grad()
+def reconstruct(model, pixels: np.ndarray, invert: bool, device: torch.device) -> tuple[np.ndarray, torch.Tensor]:
+    """Reconstruct one (H, W) [0, 1] image at native size; returns ([0, 1] image, code indices)."""
+    f = model.downsample_factor
+    x = to_model(pixels, invert)[None].to(device)                     # (1, 1, H, W)
+    h, w = x.shape[-2:]
+    pad = (0, (-w) % f, 0, (-h) % f)
+    x_pad = F.pad(x, pad, mode="replicate") if any(pad) else x
+    x_rec, _, info = model(x_pad)
+    return from_model(x_rec[0, 0, :h, :w], invert), info["indices"].cpu()
+
+
+def image_jobs(cfg, split: str | None, input_dir: str | None) -> list[tuple[str, Path]]:
+    """(relative output name, source path) for a split's CXR/BS images or a folder's images."""
+    if input_dir is not None:
+        d = Path(input_dir)
+        if not d.is_dir():
+            raise FileNotFoundError(f"{d}: input folder not found")
+        return [(p.name, p) for p in sorted(d.iterdir()) if p.is_file() and is_image_file(p)]
+    root = Path(cfg.data.root)
+    names = split_list(cfg.data, split)
+    return [(f"{sub}/{n}", root / sub / n) for sub in ("CXR", "BS") for n in names]
+
+
+def main(cfg, ckpt: str | Path, split: str | None = "test", input_dir: str | None = None,
+         out_dir: str | Path | None = None, progress: bool = True) -> dict:
+    """Reconstruct and score; return the summary dict (also written as recon_summary.json)."""
+    device = resolve_device(cfg.run.device)
+    model, ckpt_cfg = load_vqgan(ckpt, device)
+    jobs = image_jobs(cfg, split, input_dir)
+    if not jobs:
+        raise ValueError(f"no images to evaluate ({input_dir or split})")
+    if out_dir is None:
+        run_dir = Path(ckpt).resolve().parent.parent
+        out_dir = run_dir / "eval" / (Path(input_dir).name if input_dir else split)
+    out_dir = Path(out_dir)
+    msssim = MSSSIM(data_range=1.0, reduction="none").to(device)
+    counts = torch.zeros(model.num_embeddings, dtype=torch.long)
+    rows, failures = [], []
+    for rel, src in tqdm(jobs, desc="reconstruct", disable=not progress):
+        try:
+            img = read_image(src, cfg.data.max_pixels)
+        except ImageError as e:
+            failures.append({"name": rel, "error": e.reason})
+            print(f"vq-gan_eval.py: {e}", file=sys.stderr)
+            continue
+        rec, indices = reconstruct(model, img.pixels, cfg.data.invert, device)
+        counts += codebook_counts(indices, model.num_embeddings)
+        write_png(out_dir / rel, rec, bit_depth=16 if img.bit_depth > 8 else 8, inputs=(src,))
+        mse = float(np.mean((rec.astype(np.float64) - img.pixels) ** 2))
+        a, b = (torch.from_numpy(v)[None, None].float().to(device) for v in (rec, img.pixels))
+        ms = float(msssim(a, b)[0]) if min(img.size) >= 16 else math.nan
+        rows.append({"name": rel, "height": img.size[0], "width": img.size[1],
+                     "psnr": -10 * math.log10(mse) if mse > 0 else math.inf,
+                     "ssim": float(structural_similarity(img.pixels, rec, data_range=1.0)), "msssim": ms})
+    summary = {"checkpoint": str(ckpt), "images": len(jobs), "scored": len(rows), "failures": failures,
+               "codebook": {k: float(v) for k, v in usage_from_counts(counts).items()},
+               "num_embeddings": model.num_embeddings}
+    for key in ("psnr", "ssim", "msssim"):
+        vals = np.array([r[key] for r in rows if math.isfinite(r[key])])
+        summary[key] = {"mean": float(vals.mean()) if len(vals) else math.nan,
+                        "std": float(vals.std()) if len(vals) else math.nan, "n": int(len(vals))}
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["name", "height", "width", "psnr", "ssim", "msssim"])
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out_dir / "recon_metrics.csv", buf.getvalue())
+    atomic_write_text(out_dir / "recon_summary.json", json.dumps(summary, indent=2) + "\n")
+    print(f"| {out_dir} | n = {len(rows)} of {len(jobs)} |\n|---|---|")
+    for key, label in (("psnr", "PSNR (dB)"), ("ssim", "SSIM"), ("msssim", "MS-SSIM")):
+        print(f"| {label} | {summary[key]['mean']:.4f} ± {summary[key]['std']:.4f} |")
+    cb = summary["codebook"]
+    print(f"codebook: perplexity {cb['perplexity']:.1f} of K = {model.num_embeddings}, "
+          f"{int(cb['unused'])} unused codes")
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Evaluate an ML-VQGAN checkpoint.")
+    parser.add_argument("--ckpt", required=True, help="stage-1 checkpoint (step_*.pt or best.pt)")
+    parser.add_argument("--config", nargs="+", default=None, metavar="FILE",
+                        help="use these configs for data paths instead of the checkpoint's own")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--split", default="test", choices=["train", "val", "test"])
+    group.add_argument("--input", dest="input_dir", help="a folder of images instead of a split")
+    parser.add_argument("--out", dest="out_dir", help="output folder (default: <run>/eval/<split>)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    return parser
+
+
+def config_for(args: argparse.Namespace):
+    """The checkpoint's config (or --config files) with --set overrides."""
+    if args.config:
+        return load_config(args.config, args.overrides)
+    ckpt = load_checkpoint(args.ckpt, kind=STAGE)
+    return config_from_dict(ckpt["config"], f"{args.ckpt} (config)", args.overrides)
+
+
+if __name__ == "__main__":
+    args = build_parser().parse_args()
+    try:
+        summary = main(config_for(args), args.ckpt, split=args.split, input_dir=args.input_dir,
+                       out_dir=args.out_dir, progress=args.progress)
+    except (ConfigError, CheckpointError, ImageError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(1 if summary["failures"] else 0)

@@ -1,0 +1,295 @@
+"""Stage 1: train the ML-VQGAN with the multi-level hybrid loss (method.md §2).
+
+Usage:
+    python vq-gan_train.py --config configs/demo.yaml
+    python vq-gan_train.py --config configs/szch.yaml --set data.root=/data/SZCH-X-Rays
+    torchrun --standalone --nproc_per_node 4 vq-gan_train.py --config configs/szch.yaml
+    python vq-gan_train.py --resume runs/vqgan/000-demo [--set vq_train.epochs=40]
+
+Trains on the CXR ∪ soft-tissue images of the train split (plus their lung-masked copies when
+``data.use_masked``) and validates on the val split only (the reference leaked masked training
+images into validation, §7.11). Generator and discriminator have their own Adam optimisers and
+MultiStepLR schedules whose milestones are given in epochs and converted to iterations (the
+reference's were not, and its D scheduler drove G's optimiser, §7.10).
+
+A run folder ``<run.out_dir>/vqgan/<NNN>-<run.name>/`` receives config.yaml, log.txt, metrics.csv,
+curves.png, samples/val_<epoch>.png (input | reconstruction | |error|×4) and checkpoints/
+(step_*.pt, the last ``keep_last``; best.pt by validation reconstruction loss; latest.json).
+``--resume RUN`` continues from the newest checkpoint of RUN exactly as if it had not stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from data.datasets import BS, CXR, MASKED_BS, MASKED_CXR, ImageDataset, split_list
+from models import build_discriminator, build_hybrid_loss, build_vqgan, count_parameters
+from models.msssim import MSSSIM
+from models.vqgan import codebook_counts, usage_from_counts
+from utils.checkpoint import CheckpointManager, load_checkpoint, load_state, require_same_section
+from utils.config import ConfigError, add_config_args, config_from_args, config_to_dict, load_config, save_config
+from utils.dist import (DistInfo, all_reduce_mean, autocast_context, barrier, cleanup_distributed,
+                        seed_everything, setup_distributed)
+from utils.hub import VGG16_FILE, require_hub_file
+from utils.logging import CSVLogger, get_logger, make_run_dir, plot_curves, save_grid
+
+STAGE = "vqgan"
+# Config sections a resumed run must share with its checkpoint (the rest may be changed).
+FROZEN_SECTIONS = ("vqgan", "discriminator", "vq_loss", "data")
+
+
+def image_subdirs(cfg) -> list[str]:
+    """Image folders the autoencoder learns from (§1.5)."""
+    return [CXR, BS] + ([MASKED_CXR, MASKED_BS] if cfg.data.use_masked else [])
+
+
+def build_dataloaders(cfg, info: DistInfo) -> tuple[DataLoader, DataLoader, DistributedSampler]:
+    """Train loader (sharded, shuffled per epoch from run.seed) and the val loader (rank 0, fixed order)."""
+    d = cfg.data
+    train_ds = ImageDataset(d.root, split_list(d, "train"), image_subdirs(cfg), d.image_size, d.invert, d.max_pixels)
+    val_ds = ImageDataset(d.root, split_list(d, "val"), image_subdirs(cfg), d.image_size, d.invert, d.max_pixels)
+    if len(train_ds) == 0:
+        raise ValueError(f"{d.root}: the train split is empty")
+    # One code path: the sampler also shuffles a single process, so the epoch order depends only on
+    # (run.seed, epoch) and a resumed run sees exactly the batches it would have seen.
+    sampler = DistributedSampler(train_ds, num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                                 seed=cfg.run.seed)
+    pin = info.device.type == "cuda"
+    train = DataLoader(train_ds, batch_size=cfg.vq_train.batch_size, sampler=sampler, num_workers=d.num_workers,
+                       pin_memory=pin, drop_last=False, persistent_workers=d.num_workers > 0)
+    val = DataLoader(val_ds, batch_size=cfg.vq_train.batch_size, shuffle=False, num_workers=d.num_workers,
+                     pin_memory=pin)
+    return train, val, sampler
+
+
+@torch.no_grad()
+def evaluate(model, loader: DataLoader, cfg, device: torch.device) -> tuple[dict[str, float], tuple]:
+    """Validation: reconstruction loss, PSNR, MS-SSIM (when the images are large enough) and codebook use.
+
+    Returns:
+        (scalars prefixed ``val_``, (x, x_rec) of the first batch for the sample grid).
+    """
+    model.eval()
+    msssim = MSSSIM(data_range=2.0, reduction="none").to(device) if cfg.data.image_size >= 16 else None
+    totals = {"rec": 0.0, "psnr": 0.0, "msssim": 0.0}
+    counts = torch.zeros(model.num_embeddings, dtype=torch.long)
+    n, first = 0, None
+    for batch in loader:
+        x = batch["image"].to(device, non_blocking=True)
+        x_rec, _, info = model(x)
+        x_rec = x_rec.float()
+        per_image = (x_rec - x).pow(2).flatten(1).mean(1) if cfg.vq_loss.recon == "mse" \
+            else (x_rec - x).abs().flatten(1).mean(1)
+        totals["rec"] += per_image.sum().item()
+        mse01 = ((x_rec.clamp(-1, 1) - x) / 2).pow(2).flatten(1).mean(1)
+        totals["psnr"] += (-10 * torch.log10(mse01.clamp_min(1e-10))).sum().item()
+        if msssim is not None:
+            totals["msssim"] += msssim(x_rec, x).sum().item()
+        counts += codebook_counts(info["indices"].cpu(), model.num_embeddings)
+        n += len(x)
+        if first is None:
+            first = (x[:4].cpu(), x_rec[:4].cpu())
+    model.train()
+    if n == 0:
+        return {}, None
+    out = {f"val_{k}": v / n for k, v in totals.items() if k != "msssim" or msssim is not None}
+    usage = usage_from_counts(counts)
+    out.update(val_perplexity=float(usage["perplexity"]), val_unused_codes=float(usage["unused"]))
+    return out, first
+
+
+def main(cfg, resume: str | Path | None = None, progress: bool = True) -> Path:
+    """Train; return the run folder. See the module docstring."""
+    info = setup_distributed(cfg.run.device)
+    try:
+        return _train(cfg, info, resume, progress)
+    finally:
+        cleanup_distributed()
+
+
+def _train(cfg, info: DistInfo, resume, progress: bool) -> Path:
+    device = info.device
+    seed_everything(cfg.run.seed, info.rank)
+    tc = cfg.vq_train
+
+    # ---- everything that can be checked is checked before the run folder exists ----------------
+    train_loader, val_loader, sampler = build_dataloaders(cfg, info)
+    if cfg.vq_loss.perceptual_weight > 0:
+        require_hub_file(VGG16_FILE, "the perceptual loss (LPIPS-VGG, vq_loss.perceptual_weight > 0)")
+
+    # ---- run folder (rank 0 creates it; every rank agrees on it) ----------------------------------
+    if resume is not None:
+        run_dir = Path(resume)
+    elif info.is_main:
+        run_dir = make_run_dir(cfg.run.out_dir, STAGE, cfg.run.name)
+    else:
+        run_dir = None
+    if info.distributed:
+        box = [str(run_dir) if info.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        run_dir = Path(box[0])
+    log = get_logger(run_dir, info.is_main, name=STAGE)
+
+    # ---- models, loss, optimisers (the loss checks for its pretrained weights before any work) ---
+    model = build_vqgan(cfg.vqgan).to(device)
+    disc = build_discriminator(cfg.discriminator, cfg.vqgan.in_channels).to(device) \
+        if cfg.vq_loss.adversarial_weight > 0 else None
+    if info.distributed and device.type == "cuda" and disc is not None:
+        disc = torch.nn.SyncBatchNorm.convert_sync_batchnorm(disc)
+    model_ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if info.distributed else model
+    disc_ddp = DistributedDataParallel(disc, device_ids=[device.index] if device.type == "cuda" else None) \
+        if (info.distributed and disc is not None) else disc
+    loss_fn = build_hybrid_loss(cfg.vq_loss, discriminator=disc_ddp).to(device)
+
+    steps_per_epoch = len(train_loader)
+    betas = tuple(tc.betas)
+    opt_g = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=tc.lr_g, betas=betas)
+    # Milestones are epochs; the schedulers step once per iteration.
+    milestones = [m * steps_per_epoch for m in tc.milestones]
+    sched_g = torch.optim.lr_scheduler.MultiStepLR(opt_g, milestones, gamma=tc.gamma)
+    opt_d = sched_d = None
+    if disc is not None:
+        opt_d = torch.optim.Adam(disc.parameters(), lr=tc.lr_d, betas=betas)
+        sched_d = torch.optim.lr_scheduler.MultiStepLR(opt_d, milestones, gamma=tc.gamma)
+
+    ckpts = CheckpointManager(run_dir, tc.keep_last)
+    start_epoch, step, best = 0, 0, math.inf
+    if resume is not None:
+        path = ckpts.latest()
+        if path is None:
+            raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from")
+        ckpt = load_checkpoint(path, kind=STAGE)
+        current = config_to_dict(cfg)
+        for section in FROZEN_SECTIONS:
+            require_same_section(ckpt, path, current[section], section)
+        load_state(model, ckpt["state"]["model"], path, "model")
+        opt_g.load_state_dict(ckpt["state"]["opt_g"])
+        sched_g.load_state_dict(ckpt["state"]["sched_g"])
+        if disc is not None:
+            load_state(disc, ckpt["state"]["disc"], path, "disc")
+            opt_d.load_state_dict(ckpt["state"]["opt_d"])
+            sched_d.load_state_dict(ckpt["state"]["sched_d"])
+        start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
+        best = ckpt["extra"].get("best_val", math.inf)
+        torch.set_rng_state(ckpt["extra"]["rng_cpu"])
+        log.info(f"resumed from {path} (epoch {ckpt['epoch']}, step {step})")
+    if info.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+    metrics_log = CSVLogger(run_dir / "metrics.csv") if info.is_main else None
+    if metrics_log is not None:
+        metrics_log.truncate_after(step)   # rows logged after the checkpoint are re-logged
+    log.info(f"run {run_dir} | {info.world_size} process(es) on {device} | VQGAN {count_parameters(model):,} params"
+             + (f", discriminator {count_parameters(disc):,}" if disc is not None else "")
+             + f" | {len(train_loader.dataset)} train / {len(val_loader.dataset)} val images, "
+             f"{steps_per_epoch} iterations per epoch")
+
+    amp = autocast_context(device, tc.amp)
+    loss_fn.train()
+    for epoch in range(start_epoch, tc.epochs):
+        sampler.set_epoch(epoch)
+        model.train()
+        bar = tqdm(train_loader, desc=f"vqgan epoch {epoch + 1}/{tc.epochs}", disable=not (progress and info.is_main),
+                   leave=False, dynamic_ncols=True)
+        for batch in bar:
+            x = batch["image"].to(device, non_blocking=True)
+            with amp:
+                x_rec, commit, vq_info = model_ddp(x)
+                loss_g, logs = loss_fn.generator_loss(x, x_rec, commit, step)
+            check_finite(loss_g, "generator", step, epoch, ckpts, info)
+            opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+            opt_g.step()
+            sched_g.step()
+            if disc is not None:
+                with amp:
+                    loss_d, logs_d = loss_fn.discriminator_loss(x, x_rec, step)
+                if loss_d.requires_grad:
+                    check_finite(loss_d, "discriminator", step, epoch, ckpts, info)
+                    opt_d.zero_grad(set_to_none=True)
+                    loss_d.backward()
+                    opt_d.step()
+                sched_d.step()
+                logs.update(logs_d)
+            step += 1
+            logs["perplexity"] = float(vq_info["perplexity"])
+            if step % tc.log_every == 0 or step == 1:
+                logs = all_reduce_mean(logs, info)
+                if info.is_main:
+                    bar.set_postfix(loss=f"{logs['loss_g']:.4f}", rec=f"{logs['rec']:.4f}")
+                    metrics_log.log({"step": step, "epoch": epoch, "split": "train",
+                                     "lr_g": sched_g.get_last_lr()[0],
+                                     "lr_d": sched_d.get_last_lr()[0] if sched_d else 0.0, **logs})
+        bar.close()
+
+        last = epoch + 1 == tc.epochs
+        is_best = False
+        if info.is_main and ((epoch + 1) % tc.val_every == 0 or last):
+            scores, first = evaluate(model, val_loader, cfg, device)
+            if scores:
+                is_best = scores["val_rec"] < best
+                best = min(best, scores["val_rec"])
+                metrics_log.log({"step": step, "epoch": epoch, "split": "val", **scores})
+                log.info(f"epoch {epoch + 1} step {step} | " + " ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+                x, x_rec = first
+                err = ((x_rec - x).abs() * 4).clamp(0, 2) - 1      # |error| x4 mapped onto [-1, 1]
+                save_grid(run_dir / "samples" / f"val_{epoch + 1:04d}.png", [x, x_rec.clamp(-1, 1), err])
+            plot_curves(run_dir / "metrics.csv", run_dir / "curves.png",
+                        ["loss_g", "rec", "loss_d", "val_rec"], title=f"VQGAN {run_dir.name}")
+        if (epoch + 1) % tc.ckpt_every == 0 or last or is_best:
+            if info.is_main:
+                state = {"model": model.state_dict(), "opt_g": opt_g.state_dict(), "sched_g": sched_g.state_dict()}
+                if disc is not None:
+                    state.update(disc=disc.state_dict(), opt_d=opt_d.state_dict(), sched_d=sched_d.state_dict())
+                path = ckpts.save(step=step, best=is_best, kind=STAGE, epoch=epoch, config=config_to_dict(cfg),
+                                  state=state, extra={"best_val": best, "rng_cpu": torch.get_rng_state()})
+                log.info(f"checkpoint {path}" + (" (best)" if is_best else ""))
+            barrier(info)
+    log.info(f"done: {run_dir}")
+    return run_dir
+
+
+def check_finite(loss: torch.Tensor, what: str, step: int, epoch: int, ckpts: CheckpointManager,
+                 info: DistInfo) -> None:
+    """Stop the run (on every rank) at a NaN/Inf loss, naming the last good checkpoint."""
+    bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=loss.device)
+    if info.distributed:
+        dist.all_reduce(bad)
+    if bad.item() > 0:
+        latest = ckpts.latest()
+        raise FloatingPointError(f"non-finite {what} loss at step {step} (epoch {epoch + 1}); stopping. "
+                                 f"Last good checkpoint: {latest or 'none yet'}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Train the ML-VQGAN (stage 1).")
+    add_config_args(parser, default=["configs/demo.yaml"])
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint "
+                        "(its config.yaml is used; --set may change non-architectural keys)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    return parser
+
+
+def config_for(args: argparse.Namespace):
+    if args.resume:
+        if args.config != build_parser().get_default("config"):
+            raise ConfigError("--resume uses the run's own config.yaml; give changes with --set")
+        return load_config([Path(args.resume) / "config.yaml"], args.overrides)
+    return config_from_args(args)
+
+
+if __name__ == "__main__":
+    args = build_parser().parse_args()
+    try:
+        main(config_for(args), resume=args.resume, progress=args.progress)
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
