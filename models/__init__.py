@@ -8,11 +8,12 @@ import torch.nn as nn
 
 from models.discriminator import PatchDiscriminator
 from models.losses import HybridLoss
+from models.unet import UNetModel, build_unet
 from models.vqgan import VQGAN
 from utils.config import DiscriminatorConfig, VQGANConfig, VQLossConfig
 
-__all__ = ["build_vqgan", "build_discriminator", "build_hybrid_loss", "count_parameters",
-           "VQGAN", "PatchDiscriminator", "HybridLoss"]
+__all__ = ["build_vqgan", "build_discriminator", "build_hybrid_loss", "build_unet", "count_parameters",
+           "VQGAN", "PatchDiscriminator", "HybridLoss", "UNetModel"]
 
 
 def build_vqgan(cfg: VQGANConfig) -> VQGAN:

@@ -1,0 +1,302 @@
+"""Samplers: ancestral DDPM, DDIM and the multistep (latent) consistency sampler, with temporal
+adaptive thresholding (method.md §4.1-§4.3, §4.5).
+
+Design (style.md C4): the network, the schedule and the sampler are separate. Every per-step
+function is pure: it receives the schedule, the noise estimate, the timestep(s), the current latent,
+the clip range of this step and the generator, and keeps no counter. Condition handling, guidance
+and the global/local dual path live in the caller's ``denoise_fn``:
+
+    denoise_fn(x_t (B, C, h, w), t (B,) long) -> eps_hat (B, C, h, w)
+
+Temporal adaptive thresholding (TAT, §4.3): inside every step the predicted clean latent x̂0 is
+clamped to [−r_j, r_j] with r_j = r0 + κ·j (j = 0 is the noisiest step); BS-LDM's off-by-one
+(r_0 = r_1 = r0, r_j = r0 + κ(j−1)) is available through ``clip_ranges(..., off_by_one=True)``.
+
+All noise is drawn from the generator passed in, so a seeded generator makes a run reproducible.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+
+from models.schedule import NoiseSchedule, randn
+
+__all__ = ["StepOutput", "timesteps_ddpm", "timesteps_ddim", "timesteps_lcm", "clip_ranges",
+           "consistency_scalings", "ddpm_step", "ddim_step", "lcm_step", "sample_timesteps", "sample",
+           "SAMPLERS"]
+
+SAMPLERS = ("ddpm", "ddim", "lcm")
+
+DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class StepOutput(NamedTuple):
+    """Result of one sampler step.
+
+    prev_sample: the latent for the next step (after the last step: the final sample).
+    pred_x0: the clipped x̂0 of this step (for LCM, before the c_skip/c_out combination).
+    """
+
+    prev_sample: torch.Tensor
+    pred_x0: torch.Tensor
+
+
+# --------------------------------------------------------------------------------------------------
+# Timestep grids and clip ranges
+# --------------------------------------------------------------------------------------------------
+
+def timesteps_ddpm(num_train_timesteps: int = 1000) -> list[int]:
+    """All training timesteps, T−1 down to 0 (BS-LDM: ``set_timesteps`` is never called, §4.1)."""
+    return list(range(num_train_timesteps - 1, -1, -1))
+
+
+def timesteps_ddim(steps: int, num_train_timesteps: int = 1000) -> list[int]:
+    """``steps`` timesteps with "trailing" spacing: round(T − j·T/steps) − 1, j = 0..steps−1.
+
+    The grid always starts at T−1 (the noisiest timestep, where sampling starts from pure noise) and,
+    when T/steps is an integer, coincides with the LCM grid (50 steps: 999, 979, …, 19; 1000 steps:
+    999, …, 0). diffusers' default "leading" spacing (980, 960, …, 0 for 50 steps) would skip the
+    noisiest 19 timesteps.
+    """
+    _check_steps(steps, num_train_timesteps)
+    return [int(round(num_train_timesteps - j * num_train_timesteps / steps)) - 1 for j in range(steps)]
+
+
+def timesteps_lcm(steps: int, original_steps: int = 50, num_train_timesteps: int = 1000) -> list[int]:
+    """LCM inference timesteps (diffusers ``LCMScheduler.set_timesteps`` with strength 1, §4.2, §4.5).
+
+    The distillation grid is {1, …, N}·k − 1 with k = T // N (N = ``original_steps``), reversed
+    (999, 979, …, 19 for N = 50); ``steps`` indices floor(linspace(0, N, steps, endpoint=False)) are
+    taken from it. 50 steps gives the full grid; 4 steps gives 999, 759, 499, 259.
+
+    Raises:
+        ValueError: if ``steps`` > ``original_steps`` (the grid has no more points).
+    """
+    _check_steps(steps, num_train_timesteps)
+    if not 1 <= original_steps <= num_train_timesteps:
+        raise ValueError(f"original_steps must be in [1, {num_train_timesteps}], got {original_steps}")
+    if steps > original_steps:
+        raise ValueError(f"steps ({steps}) cannot exceed original_steps ({original_steps})")
+    k = num_train_timesteps // original_steps
+    grid = [n * k - 1 for n in range(original_steps, 0, -1)]
+    # floor(i·N/steps) computed in integers, identical to numpy's floor(linspace(...)) here.
+    return [grid[(i * original_steps) // steps] for i in range(steps)]
+
+
+def _check_steps(steps: int, num_train_timesteps: int) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= num_train_timesteps:
+        raise ValueError(f"steps must be an integer in [1, {num_train_timesteps}], got {steps!r}")
+
+
+def clip_ranges(r0: float, kappa: float, n_steps: int, off_by_one: bool = False) -> list[float]:
+    """Temporal adaptive thresholding ranges r_j, j = 0..n_steps−1 (§4.3).
+
+    r_j = r0 + κ·j (GL-LCM, and the intended form); with ``off_by_one`` r_0 = r0 and
+    r_j = r0 + κ·(j−1) for j ≥ 1 (BS-LDM rebuilt its scheduler *after* each step, §7.16).
+
+    Examples: BS-LDM (1.4, 0.003, 1000, off_by_one=True) ends at 4.394; GL-LCM SZCH global path
+    (2.0, 0.025, 50) goes 2.0 → 3.225.
+    """
+    if n_steps < 1:
+        raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+    return [r0 + kappa * (max(j - 1, 0) if off_by_one else j) for j in range(n_steps)]
+
+
+def consistency_scalings(t: torch.Tensor | float, sigma_data: float = 0.5,
+                         timestep_scaling: float = 10.0) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+    """LCM boundary-condition scalings for discrete timesteps (§4.2, §4.5).
+
+    With u = s·t (s = ``timestep_scaling``):  c_skip = σ_d² / (u² + σ_d²),  c_out = u / √(u² + σ_d²),
+    so f(x, t) = c_skip·x + c_out·x̂0 equals x exactly at t = 0. Golden values (σ_d = 0.5, s = 10):
+    c_skip(19) = 6.93e-6, c_out(19) = 0.9999965.
+
+    Args:
+        t: timestep(s), a number or a tensor of any shape (elementwise).
+
+    Returns:
+        (c_skip, c_out), of the same kind and shape as ``t``.
+    """
+    u = t * timestep_scaling
+    denom = u ** 2 + sigma_data ** 2
+    return sigma_data ** 2 / denom, u / denom ** 0.5
+
+
+def _clip(x0: torch.Tensor, clip_range: float | None) -> torch.Tensor:
+    return x0 if clip_range is None else x0.clamp(-clip_range, clip_range)
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-step functions (pure)
+# --------------------------------------------------------------------------------------------------
+
+def ddpm_step(schedule: NoiseSchedule, eps: torch.Tensor, t: int, x_t: torch.Tensor,
+              clip_range: float | None = None, generator: torch.Generator | None = None,
+              t_prev: int | None = None) -> StepOutput:
+    """One ancestral DDPM step with x̂0 clipping (diffusers ``DDPMScheduler.step``, §4.1).
+
+    x̂0 = clamp((x_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t, ±r);  with α' = ᾱ_t/ᾱ_prev, β' = 1 − α':
+    μ = √ᾱ_prev·β'/(1−ᾱ_t)·x̂0 + √α'·(1−ᾱ_prev)/(1−ᾱ_t)·x_t,
+    x_prev = μ + σ·z with σ² = max((1−ᾱ_prev)/(1−ᾱ_t)·β', 1e-20) ("fixed_small"), and no noise when
+    t_prev < 0 (the last step, ᾱ_{−1} := 1).
+
+    Args:
+        schedule: the noise schedule.
+        eps: (B, C, h, w) noise estimate ε̂ at t.
+        t: current timestep (one int for the batch).
+        x_t: (B, C, h, w) current latent.
+        clip_range: r of this step, or None for no clipping.
+        generator: source of the step noise z.
+        t_prev: previous timestep; default t − 1 (the reference's 1000-step chain).
+
+    Returns:
+        :class:`StepOutput` (x_prev, clipped x̂0).
+    """
+    t_prev = t - 1 if t_prev is None else t_prev
+    a_t, a_prev = schedule.alpha_cumprod(t), schedule.alpha_cumprod(t_prev)
+    alpha = a_t / a_prev
+    beta = 1.0 - alpha
+    x0 = _clip(schedule.predict_x0(x_t, eps, t), clip_range)
+    mean = (math.sqrt(a_prev) * beta / (1 - a_t)) * x0 + (math.sqrt(alpha) * (1 - a_prev) / (1 - a_t)) * x_t
+    if t_prev < 0:
+        return StepOutput(mean, x0)
+    variance = max((1 - a_prev) / (1 - a_t) * beta, 1e-20)
+    z = randn(x_t.shape, generator, x_t.device, x_t.dtype)
+    return StepOutput(mean + math.sqrt(variance) * z, x0)
+
+
+def ddim_step(schedule: NoiseSchedule, eps: torch.Tensor, t: int, t_prev: int, x_t: torch.Tensor,
+              clip_range: float | None = None, generator: torch.Generator | None = None,
+              eta: float = 0.0) -> StepOutput:
+    """One DDIM step (Song et al. 2021, eq. 12) from t to t_prev (t_prev = −1 means ᾱ = 1: the end).
+
+    x̂0 = clamp(predict_x0(x_t, ε̂), ±r); ε̂ is then re-derived from the clipped x̂0, so that
+    (x̂0, ε̂) stay consistent with x_t when clipping bites (otherwise a huge raw ε̂ would re-enter
+    through the direction term);
+    σ = η·√((1−ᾱ_prev)/(1−ᾱ_t))·√(1 − ᾱ_t/ᾱ_prev);
+    x_prev = √ᾱ_prev·x̂0 + √(1−ᾱ_prev−σ²)·ε̂ + σ·z.
+    η = 0 is deterministic; η = 1 with t_prev = t − 1 equals :func:`ddpm_step`.
+
+    Args: as :func:`ddpm_step`, plus ``eta`` (η ≥ 0). Returns :class:`StepOutput`.
+    """
+    a_t, a_prev = schedule.alpha_cumprod(t), schedule.alpha_cumprod(t_prev)
+    x0 = _clip(schedule.predict_x0(x_t, eps, t), clip_range)
+    if clip_range is not None:
+        eps = schedule.predict_eps(x_t, x0, t)
+    sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t)) * math.sqrt(1 - a_t / a_prev)
+    x_prev = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma ** 2, 0.0)) * eps
+    if sigma > 0:
+        x_prev = x_prev + sigma * randn(x_t.shape, generator, x_t.device, x_t.dtype)
+    return StepOutput(x_prev, x0)
+
+
+def lcm_step(schedule: NoiseSchedule, eps: torch.Tensor, t: int, t_next: int | None, x_t: torch.Tensor,
+             clip_range: float | None = None, generator: torch.Generator | None = None,
+             sigma_data: float = 0.5, timestep_scaling: float = 10.0) -> StepOutput:
+    """One multistep consistency-sampler step (diffusers ``LCMScheduler.step``, §4.2).
+
+    x̂0 = clamp(predict_x0(x_t, ε̂), ±r);  denoised = c_out(t)·x̂0 + c_skip(t)·x_t;
+    if ``t_next`` is None (last step) return denoised, else re-noise with *fresh* noise:
+    x_next = √ᾱ_next·denoised + √(1−ᾱ_next)·z (neither x_t nor ε̂ is reused).
+
+    Args: as :func:`ddpm_step`; ``t_next`` is the next (smaller) grid timestep or None;
+    ``sigma_data``, ``timestep_scaling`` as in :func:`consistency_scalings`.
+    Returns :class:`StepOutput` (x_next or the final denoised latent, clipped x̂0).
+    """
+    x0 = _clip(schedule.predict_x0(x_t, eps, t), clip_range)
+    c_skip, c_out = consistency_scalings(float(t), sigma_data, timestep_scaling)
+    denoised = c_out * x0 + c_skip * x_t
+    if t_next is None:
+        return StepOutput(denoised, x0)
+    a_next = schedule.alpha_cumprod(t_next)
+    z = randn(x_t.shape, generator, x_t.device, x_t.dtype)
+    return StepOutput(math.sqrt(a_next) * denoised + math.sqrt(1 - a_next) * z, x0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loop
+# --------------------------------------------------------------------------------------------------
+
+def sample_timesteps(sampler_name: str, steps: int | None, num_train_timesteps: int = 1000,
+                     original_steps: int = 50) -> list[int]:
+    """The timestep list a :func:`sample` run visits (``steps=None``: 1000 for DDPM, 50 otherwise)."""
+    if sampler_name not in SAMPLERS:
+        raise ValueError(f"sampler_name must be one of {SAMPLERS}, got {sampler_name!r}")
+    if sampler_name == "ddpm":
+        if steps is None or steps == num_train_timesteps:
+            return timesteps_ddpm(num_train_timesteps)
+        return timesteps_ddim(steps, num_train_timesteps)
+    steps = original_steps if steps is None else steps
+    if sampler_name == "ddim":
+        return timesteps_ddim(steps, num_train_timesteps)
+    return timesteps_lcm(steps, original_steps, num_train_timesteps)
+
+
+@torch.no_grad()
+def sample(denoise_fn: DenoiseFn, schedule: NoiseSchedule, shape: tuple[int, ...],
+           sampler_name: str = "lcm", steps: int | None = None,
+           clip_ranges: Sequence[float] | None = None, generator: torch.Generator | None = None,
+           eta: float = 0.0, x_T: torch.Tensor | None = None, progress: bool = False, *,
+           device: torch.device | str | None = None, original_steps: int = 50,
+           sigma_data: float = 0.5, timestep_scaling: float = 10.0,
+           callback: Callable[[int, int, StepOutput], None] | None = None) -> torch.Tensor:
+    """Run a sampler from x_T ~ N(0, I) (plain noise, no offset component, §3.3) to x_0.
+
+    Args:
+        denoise_fn: ``denoise_fn(x_t (B, C, h, w), t (B,) long) -> eps_hat (B, C, h, w)``; builds the
+            network input (condition mode, guidance) itself.
+        schedule: the noise schedule the model was trained with.
+        shape: (B, C, h, w) of the latent to sample (C = 4 target channels).
+        sampler_name: ``"ddpm"`` (ancestral; ``steps`` None or T reproduces BS-LDM's 1000-step chain,
+            fewer steps use the trailing grid with the DDPM posterior between grid points), ``"ddim"``
+            (trailing grid, ``eta``) or ``"lcm"`` (grid from :func:`timesteps_lcm`).
+        steps: number of steps; None = 1000 for DDPM, ``original_steps`` (50) otherwise.
+        clip_ranges: r_j per step (length = number of steps, e.g. from :func:`clip_ranges`), or None
+            for no clipping.
+        generator: source of x_T and of every step's noise.
+        eta: DDIM η.
+        x_T: optional initial latent (B, C, h, w) instead of drawing one (e.g. shared by two paths).
+        progress: show a tqdm bar.
+        device: where the latent lives (default: x_T's device, else the generator's, else CPU).
+        original_steps, sigma_data, timestep_scaling: LCM grid size N and boundary scalings.
+        callback: called as ``callback(j, t, step_output)`` after every step.
+
+    Returns:
+        (B, C, h, w) final latent.
+    """
+    T = schedule.num_train_timesteps
+    timesteps = sample_timesteps(sampler_name, steps, T, original_steps)
+    n = len(timesteps)
+    if clip_ranges is not None and len(clip_ranges) != n:
+        raise ValueError(f"clip_ranges has {len(clip_ranges)} entries for {n} steps")
+    if x_T is None:
+        device = device if device is not None else (generator.device if generator is not None else "cpu")
+        x = randn(shape, generator, device)
+    else:
+        if tuple(x_T.shape) != tuple(shape):
+            raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {tuple(shape)}")
+        x = x_T.to(device) if device is not None else x_T
+    # All timestep tensors once, not per step.
+    t_batch = torch.tensor(timesteps, dtype=torch.long, device=x.device)[:, None].expand(n, x.shape[0])
+
+    iterator = range(n)
+    if progress:
+        from tqdm.auto import tqdm
+        iterator = tqdm(iterator, desc=f"{sampler_name} x{n}", leave=False)
+    for j in iterator:
+        t = timesteps[j]
+        t_next = timesteps[j + 1] if j + 1 < n else None
+        r = None if clip_ranges is None else clip_ranges[j]
+        eps = denoise_fn(x, t_batch[j])
+        if sampler_name == "lcm":
+            out = lcm_step(schedule, eps, t, t_next, x, r, generator, sigma_data, timestep_scaling)
+        elif sampler_name == "ddim":
+            out = ddim_step(schedule, eps, t, -1 if t_next is None else t_next, x, r, generator, eta)
+        else:
+            out = ddpm_step(schedule, eps, t, x, r, generator, t_prev=-1 if t_next is None else t_next)
+        x = out.prev_sample
+        if callback is not None:
+            callback(j, t, out)
+    return x
