@@ -25,7 +25,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
@@ -34,12 +33,13 @@ from data.datasets import BS, CXR, MASKED_BS, MASKED_CXR, ImageDataset, split_li
 from models import build_discriminator, build_hybrid_loss, build_vqgan, count_parameters
 from models.msssim import MSSSIM
 from models.vqgan import codebook_counts, usage_from_counts
-from utils.checkpoint import CheckpointManager, load_checkpoint, load_state, require_same_section
+from utils.checkpoint import CheckpointManager, load_state
 from utils.config import ConfigError, add_config_args, config_from_args, config_to_dict, load_config, save_config
 from utils.dist import (DistInfo, all_reduce_mean, autocast_context, barrier, cleanup_distributed,
                         seed_everything, setup_distributed)
 from utils.hub import VGG16_FILE, require_hub_file
-from utils.logging import CSVLogger, get_logger, make_run_dir, plot_curves, save_grid
+from utils.logging import CSVLogger, get_logger, plot_curves, save_grid
+from utils.training import check_finite, iteration_milestones, prepare_run_dir, resume_checkpoint
 
 STAGE = "vqgan"
 # Config sections a resumed run must share with its checkpoint (the rest may be changed).
@@ -125,17 +125,7 @@ def _train(cfg, info: DistInfo, resume, progress: bool) -> Path:
     if cfg.vq_loss.perceptual_weight > 0:
         require_hub_file(VGG16_FILE, "the perceptual loss (LPIPS-VGG, vq_loss.perceptual_weight > 0)")
 
-    # ---- run folder (rank 0 creates it; every rank agrees on it) ----------------------------------
-    if resume is not None:
-        run_dir = Path(resume)
-    elif info.is_main:
-        run_dir = make_run_dir(cfg.run.out_dir, STAGE, cfg.run.name)
-    else:
-        run_dir = None
-    if info.distributed:
-        box = [str(run_dir) if info.is_main else None]
-        dist.broadcast_object_list(box, src=0)
-        run_dir = Path(box[0])
+    run_dir = prepare_run_dir(cfg, info, STAGE, resume)
     log = get_logger(run_dir, info.is_main, name=STAGE)
 
     # ---- models, loss, optimisers (the loss checks for its pretrained weights before any work) ---
@@ -154,7 +144,7 @@ def _train(cfg, info: DistInfo, resume, progress: bool) -> Path:
     betas = tuple(tc.betas)
     opt_g = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=tc.lr_g, betas=betas)
     # Milestones are epochs; the schedulers step once per iteration.
-    milestones = [m * steps_per_epoch for m in tc.milestones]
+    milestones = iteration_milestones(tc.milestones, steps_per_epoch)
     sched_g = torch.optim.lr_scheduler.MultiStepLR(opt_g, milestones, gamma=tc.gamma)
     opt_d = sched_d = None
     if disc is not None:
@@ -164,13 +154,7 @@ def _train(cfg, info: DistInfo, resume, progress: bool) -> Path:
     ckpts = CheckpointManager(run_dir, tc.keep_last)
     start_epoch, step, best = 0, 0, math.inf
     if resume is not None:
-        path = ckpts.latest()
-        if path is None:
-            raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from")
-        ckpt = load_checkpoint(path, kind=STAGE)
-        current = config_to_dict(cfg)
-        for section in FROZEN_SECTIONS:
-            require_same_section(ckpt, path, current[section], section)
+        ckpt, path = resume_checkpoint(ckpts, run_dir, STAGE, cfg, FROZEN_SECTIONS)
         load_state(model, ckpt["state"]["model"], path, "model")
         opt_g.load_state_dict(ckpt["state"]["opt_g"])
         sched_g.load_state_dict(ckpt["state"]["sched_g"])
@@ -255,18 +239,6 @@ def _train(cfg, info: DistInfo, resume, progress: bool) -> Path:
             barrier(info)
     log.info(f"done: {run_dir}")
     return run_dir
-
-
-def check_finite(loss: torch.Tensor, what: str, step: int, epoch: int, ckpts: CheckpointManager,
-                 info: DistInfo) -> None:
-    """Stop the run (on every rank) at a NaN/Inf loss, naming the last good checkpoint."""
-    bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=loss.device)
-    if info.distributed:
-        dist.all_reduce(bad)
-    if bad.item() > 0:
-        latest = ckpts.latest()
-        raise FloatingPointError(f"non-finite {what} loss at step {step} (epoch {epoch + 1}); stopping. "
-                                 f"Last good checkpoint: {latest or 'none yet'}")
 
 
 def build_parser() -> argparse.ArgumentParser:

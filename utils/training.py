@@ -1,0 +1,59 @@
+"""Plumbing shared by the training scripts: run folder, resume, LR milestones, NaN guard."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from utils.checkpoint import CheckpointManager, load_checkpoint, require_same_section
+from utils.config import config_to_dict
+from utils.dist import DistInfo
+from utils.logging import make_run_dir
+
+
+def prepare_run_dir(cfg, info: DistInfo, stage: str, resume: str | Path | None) -> Path:
+    """``resume`` itself, or a new ``<out_dir>/<stage>/<NNN>-<name>`` made by rank 0 and shared."""
+    if resume is not None:
+        run_dir = Path(resume)
+        if not run_dir.is_dir():
+            raise FileNotFoundError(f"{run_dir}: run folder to resume not found")
+    elif info.is_main:
+        run_dir = make_run_dir(cfg.run.out_dir, stage, cfg.run.name)
+    else:
+        run_dir = None
+    if info.distributed:
+        box = [str(run_dir) if info.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        run_dir = Path(box[0])
+    return run_dir
+
+
+def resume_checkpoint(ckpts: CheckpointManager, run_dir: Path, stage: str, cfg,
+                      frozen_sections: tuple[str, ...]) -> tuple[dict, Path]:
+    """The newest checkpoint of ``run_dir``, refused if a ``frozen_sections`` config section changed."""
+    path = ckpts.latest()
+    if path is None:
+        raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from")
+    ckpt = load_checkpoint(path, kind=stage)
+    current = config_to_dict(cfg)
+    for section in frozen_sections:
+        require_same_section(ckpt, path, current[section], section)
+    return ckpt, path
+
+
+def iteration_milestones(milestones_epochs: list[int], steps_per_epoch: int) -> list[int]:
+    """Milestones given in epochs -> iterations, for schedulers stepped once per iteration (§7.10)."""
+    return [m * steps_per_epoch for m in milestones_epochs]
+
+
+def check_finite(loss: torch.Tensor, what: str, step: int, epoch: int, ckpts: CheckpointManager,
+                 info: DistInfo) -> None:
+    """Stop the run (on every rank) at a NaN/Inf loss, naming the last good checkpoint."""
+    bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=loss.device)
+    if info.distributed:
+        dist.all_reduce(bad)
+    if bad.item() > 0:
+        latest = ckpts.latest()
+        raise FloatingPointError(f"non-finite {what} loss at step {step} (epoch {epoch + 1}); stopping. "
+                                 f"Last good checkpoint: {latest or 'none yet'}")
