@@ -34,24 +34,15 @@ from tqdm import tqdm
 from data.datasets import split_list
 from data.io import ImageError, is_image_file, read_image, write_png
 from data.transforms import from_model, to_model
-from models import build_vqgan
+from models import load_vqgan
 from models.msssim import MSSSIM
 from models.vqgan import codebook_counts, usage_from_counts
 from utils.atomic import atomic_write_text
-from utils.checkpoint import CheckpointError, load_checkpoint, load_state
+from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.config import ConfigError, config_from_dict, load_config
 from utils.dist import resolve_device
 
 STAGE = "vqgan"
-
-
-def load_vqgan(ckpt_path: str | Path, device: torch.device):
-    """(model in eval mode, its config) rebuilt from a stage-1 checkpoint."""
-    ckpt = load_checkpoint(ckpt_path, kind=STAGE)
-    cfg = config_from_dict(ckpt["config"], source=f"{ckpt_path} (config)")
-    model = build_vqgan(cfg.vqgan)
-    load_state(model, ckpt["state"]["model"], ckpt_path, "model")
-    return model.to(device).eval(), cfg
 
 
 @torch.no_grad()

@@ -4,15 +4,17 @@ Builders take one config section each and return a ready module; nothing is buil
 """
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from models.discriminator import PatchDiscriminator
 from models.losses import HybridLoss
 from models.unet import UNetModel, build_unet
 from models.vqgan import VQGAN
-from utils.config import DiscriminatorConfig, VQGANConfig, VQLossConfig
+from utils.checkpoint import load_checkpoint, load_state
+from utils.config import Config, DiscriminatorConfig, VQGANConfig, VQLossConfig, config_from_dict
 
-__all__ = ["build_vqgan", "build_discriminator", "build_hybrid_loss", "build_unet", "count_parameters",
+__all__ = ["build_vqgan", "build_discriminator", "build_hybrid_loss", "build_unet", "count_parameters", "load_vqgan",
            "VQGAN", "PatchDiscriminator", "HybridLoss", "UNetModel"]
 
 
@@ -45,3 +47,16 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameter elements; by default including frozen ones such as the EMA codebook,
     which is how the papers count (38,326,533 for the K = 256 VQGAN)."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def load_vqgan(path, device: torch.device | str = "cpu") -> tuple[VQGAN, Config]:
+    """A trained stage-1 VQGAN, rebuilt from the config inside its checkpoint, frozen, in eval mode.
+
+    Raises:
+        utils.checkpoint.CheckpointError: not a VQGAN checkpoint of this project, or unsafe.
+    """
+    ckpt = load_checkpoint(path, kind="vqgan")
+    cfg = config_from_dict(ckpt["config"], source=f"{path} (config)")
+    model = build_vqgan(cfg.vqgan)
+    load_state(model, ckpt["state"]["model"], path, "model")
+    return model.to(device).eval().requires_grad_(False), cfg

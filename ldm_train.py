@@ -1,0 +1,233 @@
+"""Stage 2: train the conditional latent noise estimator of BS-LDM / GL-LCM (method.md §3).
+
+Usage:
+    python ldm_train.py --config configs/demo.yaml --set ldm_train.vqgan_ckpt=runs/vqgan/000-demo/checkpoints/best.pt
+    torchrun --standalone --nproc_per_node 4 ldm_train.py --config configs/szch.yaml \
+        --set ldm_train.vqgan_ckpt=runs/vqgan/000-szch/checkpoints/best.pt
+    python ldm_train.py --resume runs/ldm/000-demo [--set ldm_train.epochs=60]
+
+The frozen first stage (rebuilt from its checkpoint) encodes every (CXR, soft tissue) pair of the
+train and val splits once (``ldm_train.cache_latents``; plus the lung-masked pairs with
+``data.use_masked``, §1.5). The UNet sees [noisy soft-tissue latent ; CXR latent] and predicts the
+offset noise ε + c·δ (MSE on the 4 supervised channels, timesteps drawn per real batch element,
+§7.5); the condition enters as ``diffusion.cond_mode`` says (§3.5). AdamW with MultiStepLR
+milestones in epochs; an EMA of the weights is kept, saved and used for validation and sampling
+(§7.6). Validation: ε-MSE on the val split with a fixed generator, and a PNG grid of sampled val
+images (CXR | prediction | target, all through the VQGAN decoder).
+
+Run folder ``<run.out_dir>/ldm/<NNN>-<run.name>/``: config.yaml, log.txt, metrics.csv, curves.png,
+samples/val_<epoch>.png, checkpoints/ (step_*.pt, best.pt by EMA val loss, latest.json).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from tqdm import tqdm
+
+from data.datasets import PairedDataset, split_list
+from models import build_unet, count_parameters, load_vqgan
+from models.inference import suppress_latents
+from models.schedule import build_schedule, training_loss
+from utils.checkpoint import CheckpointError, CheckpointManager, load_state
+from utils.config import ConfigError, add_config_args, config_from_args, config_to_dict, load_config, save_config
+from utils.dist import (DistInfo, all_reduce_mean, autocast_context, barrier, cleanup_distributed,
+                        seed_everything, setup_distributed)
+from utils.ema import EMA
+from utils.logging import CSVLogger, get_logger, plot_curves, save_grid
+from utils.training import check_finite, iteration_milestones, prepare_run_dir, resume_checkpoint
+
+STAGE = "ldm"
+FROZEN_SECTIONS = ("unet", "diffusion", "data")
+
+
+@torch.no_grad()
+def encode_pairs(vqgan, cfg, split: str, device: torch.device, progress: bool = False) -> TensorDataset:
+    """VQ latents of a split's pairs: TensorDataset of (z_bs, z_cxr), each (N, 4, S/f, S/f), on the CPU."""
+    d = cfg.data
+    names = split_list(d, split)
+    sets = [PairedDataset(d.root, names, d.image_size, d.invert, max_pixels=d.max_pixels)]
+    if d.use_masked:
+        sets.append(PairedDataset(d.root, names, d.image_size, d.invert, masked=True, max_pixels=d.max_pixels))
+    z_bs, z_cxr = [], []
+    for ds in sets:
+        loader = DataLoader(ds, batch_size=cfg.ldm_train.batch_size, num_workers=d.num_workers)
+        for batch in tqdm(loader, desc=f"encode {split}", disable=not progress, leave=False):
+            z_bs.append(vqgan.encode_stage_2_inputs(batch["bs"].to(device)).cpu())
+            z_cxr.append(vqgan.encode_stage_2_inputs(batch["cxr"].to(device)).cpu())
+    if not z_bs:
+        return TensorDataset(torch.zeros(0), torch.zeros(0))
+    return TensorDataset(torch.cat(z_bs), torch.cat(z_cxr))
+
+
+@torch.no_grad()
+def validate(unet, schedule, val_set: TensorDataset, cfg, device: torch.device) -> float:
+    """EMA-model ε-MSE over the val latents; the generator is reseeded so every call sees the same t and noise."""
+    g = torch.Generator(device="cpu").manual_seed(cfg.run.seed)
+    total, n = 0.0, 0
+    for z_bs, z_cxr in DataLoader(val_set, batch_size=cfg.ldm_train.batch_size):
+        loss, _ = training_loss(unet, schedule, z_bs.to(device), z_cxr.to(device), cfg.diffusion, generator=g)
+        total += loss.item() * len(z_bs)
+        n += len(z_bs)
+    return total / max(n, 1)
+
+
+@torch.no_grad()
+def sample_grid(path: Path, unet, vqgan, schedule, val_set: TensorDataset, cfg, device: torch.device) -> None:
+    """Sample up to 4 val cases with the configured sampler; grid rows CXR | prediction | target."""
+    z_bs, z_cxr = (t[:4].to(device) for t in val_set.tensors)
+    g = torch.Generator(device="cpu").manual_seed(cfg.sampler.seed)
+    z_pred = suppress_latents(unet, schedule, z_cxr, cfg.sampler, cfg.diffusion.cond_mode, generator=g)
+    cols = [vqgan.decode(z).clamp(-1, 1).cpu() for z in (z_cxr, z_pred, z_bs)]
+    save_grid(path, cols)
+
+
+def main(cfg, resume: str | Path | None = None, progress: bool = True) -> Path:
+    """Train; return the run folder. See the module docstring."""
+    info = setup_distributed(cfg.run.device)
+    try:
+        return _train(cfg, info, resume, progress)
+    finally:
+        cleanup_distributed()
+
+
+def _train(cfg, info: DistInfo, resume, progress: bool) -> Path:
+    device, tc = info.device, cfg.ldm_train
+    seed_everything(cfg.run.seed, info.rank)
+    if tc.mode != "diffusion":
+        raise ConfigError(f"ldm_train.mode={tc.mode!r} is not available yet; use 'diffusion'")
+    if not tc.cache_latents:
+        raise ConfigError("ldm_train.cache_latents=false is not supported: the frozen VQGAN's latents are "
+                          "encoded once (set data.augment=false and cache_latents=true)")
+    if cfg.unet.in_channels != 8 or cfg.unet.out_channels < 4:
+        raise ConfigError(f"unet.in_channels must be 8 ([x_t ; condition]) and out_channels >= 4, got "
+                          f"{cfg.unet.in_channels} / {cfg.unet.out_channels}")
+
+    # ---- checks and latents before the run folder exists --------------------------------------------
+    if not tc.vqgan_ckpt:
+        raise ConfigError("ldm_train.vqgan_ckpt is empty: give the stage-1 checkpoint, e.g. "
+                          "--set ldm_train.vqgan_ckpt=runs/vqgan/000-demo/checkpoints/best.pt")
+    vqgan, vq_cfg = load_vqgan(tc.vqgan_ckpt, device)
+    if vq_cfg.data.invert != cfg.data.invert:
+        raise CheckpointError(f"{tc.vqgan_ckpt}: trained with data.invert={vq_cfg.data.invert}, "
+                              f"this config has {cfg.data.invert}")
+    latent = cfg.data.image_size // vqgan.downsample_factor
+    train_set = encode_pairs(vqgan, cfg, "train", device, progress and info.is_main)
+    val_set = encode_pairs(vqgan, cfg, "val", device, progress and info.is_main)
+    if len(train_set) == 0:
+        raise ValueError(f"{cfg.data.root}: the train split is empty")
+
+    run_dir = prepare_run_dir(cfg, info, STAGE, resume)
+    log = get_logger(run_dir, info.is_main, name=STAGE)
+    schedule = build_schedule(cfg.diffusion)
+    unet = build_unet(cfg.unet, image_size=latent).to(device)
+    ema = EMA(unet, tc.ema_decay)
+    unet_ddp = DistributedDataParallel(unet, device_ids=[device.index] if device.type == "cuda" else None) \
+        if info.distributed else unet
+    sampler = DistributedSampler(train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                                 seed=cfg.run.seed)
+    loader = DataLoader(train_set, batch_size=tc.batch_size, sampler=sampler, drop_last=False)
+    steps_per_epoch = len(loader)
+    opt = torch.optim.AdamW(unet.parameters(), lr=tc.lr, eps=tc.adam_eps, weight_decay=tc.weight_decay)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, iteration_milestones(tc.milestones, steps_per_epoch),
+                                                 gamma=tc.gamma)
+
+    ckpts = CheckpointManager(run_dir, tc.keep_last)
+    start_epoch, step, best = 0, 0, math.inf
+    if resume is not None:
+        ckpt, path = resume_checkpoint(ckpts, run_dir, STAGE, cfg, FROZEN_SECTIONS)
+        load_state(unet, ckpt["state"]["unet"], path, "unet")
+        load_state(ema.shadow, ckpt["state"]["ema"], path, "ema")
+        opt.load_state_dict(ckpt["state"]["opt"])
+        sched.load_state_dict(ckpt["state"]["sched"])
+        start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
+        best = ckpt["extra"].get("best_val", math.inf)
+        torch.set_rng_state(ckpt["extra"]["rng_cpu"])
+        log.info(f"resumed from {path} (epoch {ckpt['epoch']}, step {step})")
+    if info.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+    metrics_log = CSVLogger(run_dir / "metrics.csv") if info.is_main else None
+    if metrics_log is not None:
+        metrics_log.truncate_after(step)
+    log.info(f"run {run_dir} | {info.world_size} process(es) on {device} | UNet {count_parameters(unet):,} params "
+             f"| latents {tuple(train_set.tensors[0].shape[1:])} | {len(train_set)} train / {len(val_set)} val "
+             f"pairs, {steps_per_epoch} iterations per epoch | {cfg.diffusion.beta_schedule}, offset noise "
+             f"{cfg.diffusion.offset_noise}, condition {cfg.diffusion.cond_mode}")
+
+    amp = autocast_context(device, tc.amp)
+    for epoch in range(start_epoch, tc.epochs):
+        sampler.set_epoch(epoch)
+        unet.train()
+        bar = tqdm(loader, desc=f"ldm epoch {epoch + 1}/{tc.epochs}", disable=not (progress and info.is_main),
+                   leave=False, dynamic_ncols=True)
+        for z_bs, z_cxr in bar:
+            with amp:
+                loss, logs = training_loss(unet_ddp, schedule, z_bs.to(device), z_cxr.to(device), cfg.diffusion)
+            check_finite(loss, "diffusion", step, epoch, ckpts, info)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            ema.update(unet)
+            step += 1
+            if step % tc.log_every == 0 or step == 1:
+                logs = all_reduce_mean(logs, info)
+                if info.is_main:
+                    bar.set_postfix(loss=f"{logs['loss']:.4f}")
+                    metrics_log.log({"step": step, "epoch": epoch, "split": "train", "lr": sched.get_last_lr()[0],
+                                     **logs})
+        bar.close()
+
+        last = epoch + 1 == tc.epochs
+        is_best = False
+        if info.is_main and ((epoch + 1) % tc.val_every == 0 or last) and len(val_set):
+            val = validate(ema.shadow, schedule, val_set, cfg, device)
+            is_best = val < best
+            best = min(best, val)
+            metrics_log.log({"step": step, "epoch": epoch, "split": "val", "val_loss": val})
+            log.info(f"epoch {epoch + 1} step {step} | val_loss (EMA) {val:.4f}" + (" best" if is_best else ""))
+            sample_grid(run_dir / "samples" / f"val_{epoch + 1:04d}.png", ema.shadow, vqgan, schedule, val_set,
+                        cfg, device)
+            plot_curves(run_dir / "metrics.csv", run_dir / "curves.png", ["loss", "val_loss"],
+                        title=f"LDM {run_dir.name}")
+        if (epoch + 1) % tc.ckpt_every == 0 or last or is_best:
+            if info.is_main:
+                state = {"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                         "sched": sched.state_dict()}
+                path = ckpts.save(step=step, best=is_best, kind=STAGE, epoch=epoch, config=config_to_dict(cfg),
+                                  state=state, extra={"best_val": best, "rng_cpu": torch.get_rng_state(),
+                                                      "latent_size": latent})
+                log.info(f"checkpoint {path}" + (" (best)" if is_best else ""))
+            barrier(info)
+    log.info(f"done: {run_dir}")
+    return run_dir
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Train the conditional latent noise estimator (stage 2).")
+    add_config_args(parser, default=["configs/demo.yaml"])
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    return parser
+
+
+def config_for(args: argparse.Namespace):
+    if args.resume:
+        if args.config != build_parser().get_default("config"):
+            raise ConfigError("--resume uses the run's own config.yaml; give changes with --set")
+        return load_config([Path(args.resume) / "config.yaml"], args.overrides)
+    return config_from_args(args)
+
+
+if __name__ == "__main__":
+    args = build_parser().parse_args()
+    try:
+        main(config_for(args), resume=args.resume, progress=args.progress)
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

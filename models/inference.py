@@ -1,0 +1,55 @@
+"""Conditional latent sampling: CXR latent in, soft-tissue latent out (one path, method.md §4).
+
+The UNet, the noise schedule and the sampler stay separate (style.md C4): :func:`make_denoiser`
+builds the ``denoise_fn`` the samplers call, putting the condition into the network input the way
+the model was trained (``diffusion.cond_mode``, §3.5) and keeping only the 4 supervised output
+channels (§7.4). :func:`suppress_latents` runs the configured sampler with temporal adaptive
+thresholding r_j = r0 + κ·j.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from models.samplers import clip_ranges, sample, sample_timesteps
+from models.schedule import NoiseSchedule, model_input_sample
+
+LATENT_CHANNELS = 4
+
+
+def make_denoiser(unet: torch.nn.Module, schedule: NoiseSchedule, cond: torch.Tensor,
+                  cond_mode: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``denoise_fn(x_t (B, 4, h, w), t (B,)) -> eps (B, 4, h, w)`` conditioned on ``cond`` (B, 4, h, w)."""
+
+    def denoise_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = unet(model_input_sample(x_t, cond, t, schedule, cond_mode), t)
+        return out[:, :LATENT_CHANNELS].float()
+
+    return denoise_fn
+
+
+def tat_ranges(sampler_cfg, r0: float) -> list[float] | None:
+    """Temporal adaptive thresholding ranges for the configured sampler, or None when clipping is off."""
+    if not sampler_cfg.clip:
+        return None
+    n = len(sample_timesteps(sampler_cfg.name, sampler_cfg.steps))
+    return clip_ranges(r0, sampler_cfg.clip_kappa, n, sampler_cfg.clip_off_by_one)
+
+
+@torch.no_grad()
+def suppress_latents(unet: torch.nn.Module, schedule: NoiseSchedule, cond: torch.Tensor, sampler_cfg,
+                     cond_mode: str, generator: torch.Generator | None = None,
+                     r0: float | None = None, progress: bool = False) -> torch.Tensor:
+    """Sample soft-tissue latents for a batch of CXR latents ``cond`` (B, 4, h, w) (global path).
+
+    Args:
+        sampler_cfg: :class:`utils.config.SamplerConfig` (name, steps, eta, clip settings).
+        r0: first clip range (default ``sampler_cfg.clip_r0_global``).
+        generator: seeds x_T and every step's noise, so a seed gives the same sample.
+    """
+    r0 = sampler_cfg.clip_r0_global if r0 is None else r0
+    return sample(make_denoiser(unet, schedule, cond, cond_mode), schedule, tuple(cond.shape),
+                  sampler_name=sampler_cfg.name, steps=sampler_cfg.steps,
+                  clip_ranges=tat_ranges(sampler_cfg, r0), generator=generator, eta=sampler_cfg.eta,
+                  device=cond.device, progress=progress)

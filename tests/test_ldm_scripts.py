@@ -1,0 +1,95 @@
+"""ldm_train.py and ldm_eval.py end to end on a tiny dataset and VQGAN (CPU)."""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from data.io import read_image
+from tests.scripts import load_script, smoke_config, tiny_dataset
+from utils.checkpoint import CheckpointError, load_checkpoint
+from utils.config import ConfigError
+
+vq_train = load_script("vq-gan_train.py")
+ldm_train = load_script("ldm_train.py")
+ldm_eval = load_script("ldm_eval.py")
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+    """(dataset root, VQGAN checkpoint) shared by the tests of this module."""
+    base = tmp_path_factory.mktemp("ldm")
+    root = tiny_dataset(base / "ds")
+    run = vq_train.main(smoke_config(root, base / "runs", "vq_train.epochs=1"), progress=False)
+    return root, run / "checkpoints" / "best.pt"
+
+
+def cfg_for(stage1, out, *overrides):
+    root, vq = stage1
+    return smoke_config(root, out, f"ldm_train.vqgan_ckpt={vq}", *overrides)
+
+
+def latest(run):
+    return load_checkpoint(run / "checkpoints" / json.loads((run / "checkpoints" / "latest.json").read_text())["file"])
+
+
+def test_train_run_folder_and_checkpoint(stage1, tmp_path):
+    run = ldm_train.main(cfg_for(stage1, tmp_path), progress=False)
+    for f in ("config.yaml", "log.txt", "metrics.csv", "curves.png", "samples/val_0002.png", "checkpoints/best.pt"):
+        assert (run / f).is_file(), f
+    ckpt = latest(run)
+    assert ckpt["kind"] == "ldm" and set(ckpt["state"]) == {"unet", "ema", "opt", "sched"}
+    assert ckpt["step"] == 6 and ckpt["extra"]["latent_size"] == 8    # 9 pairs / 4 = 3 it/epoch; 32 px / f=4
+    # EMA differs from the raw weights after training, and the LR dropped at the epoch-1 milestone
+    some = next(k for k, v in ckpt["state"]["unet"].items() if v.dtype.is_floating_point and v.abs().sum() > 0)
+    assert not torch.equal(ckpt["state"]["unet"][some], ckpt["state"]["ema"][some])
+    assert ckpt["state"]["sched"]["_last_lr"] == pytest.approx([2e-5])
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [r["split"] for r in rows].count("val") == 2
+
+
+def test_resume_is_exact(stage1, tmp_path):
+    a = ldm_train.main(cfg_for(stage1, tmp_path / "a"), progress=False)
+    b = ldm_train.main(cfg_for(stage1, tmp_path / "b", "ldm_train.epochs=1"), progress=False)
+    ldm_train.main(cfg_for(stage1, tmp_path / "b", "ldm_train.epochs=2"), resume=b, progress=False)
+    sa, sb = latest(a)["state"], latest(b)["state"]
+    for part in ("unet", "ema"):
+        for k, v in sa[part].items():
+            assert torch.equal(v, sb[part][k]), (part, k)
+
+
+def test_errors_before_any_work(stage1, tmp_path):
+    root, _ = stage1
+    with pytest.raises(ConfigError, match="ldm_train.vqgan_ckpt is empty"):
+        ldm_train.main(smoke_config(root, tmp_path / "r"), progress=False)
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        ldm_train.main(smoke_config(root, tmp_path / "r", f"ldm_train.vqgan_ckpt={tmp_path}/none.pt"), progress=False)
+    run = ldm_train.main(cfg_for(stage1, tmp_path / "x", "ldm_train.epochs=1"), progress=False)
+    with pytest.raises(CheckpointError, match="is a 'ldm' checkpoint, expected 'vqgan'"):
+        ldm_train.main(smoke_config(root, tmp_path / "r", f"ldm_train.vqgan_ckpt={run}/checkpoints/best.pt"),
+                       progress=False)
+    assert not (tmp_path / "r").exists()
+
+
+def test_eval_native_size_and_seeded(stage1, tmp_path):
+    root, _ = stage1
+    run = ldm_train.main(cfg_for(stage1, tmp_path, "ldm_train.epochs=1"), progress=False)
+    ckpt = run / "checkpoints" / "best.pt"
+    cfg = ldm_eval.config_for(ldm_eval.build_parser().parse_args(["--ckpt", str(ckpt)]))
+    out1, out2, out3 = tmp_path / "o1", tmp_path / "o2", tmp_path / "o3"
+    ldm_eval.main(cfg, ckpt, out_dir=out1, progress=False)
+    ldm_eval.main(cfg, ckpt, out_dir=out2, progress=False)
+    cfg.sampler.seed += 1
+    summary = ldm_eval.main(cfg, ckpt, out_dir=out3, progress=False)
+    names = (root / "demo_testset.txt").read_text().split()
+    assert summary["written"] == len(names)
+    for n in names:
+        a, b, c = (read_image(o / n).pixels for o in (out1, out2, out3))
+        assert a.shape == read_image(root / "CXR" / n).size == (40, 40)    # back at the source size
+        np.testing.assert_array_equal(a, b)                                # same seed, same image
+    assert any(not np.array_equal(read_image(out1 / n).pixels, read_image(out3 / n).pixels) for n in names)
+    timing = json.loads((out1 / "timing.json").read_text())
+    assert set(timing["seconds_per_image"]) == {"encode", "sample", "decode"}
