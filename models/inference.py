@@ -39,14 +39,15 @@ def tat_ranges(sampler_cfg, r0: float) -> list[float] | None:
 
 @torch.no_grad()
 def suppress_latents(unet: torch.nn.Module, schedule: NoiseSchedule, cond: torch.Tensor, sampler_cfg,
-                     cond_mode: str, generator: torch.Generator | None = None,
+                     cond_mode: str, generator: torch.Generator | list[torch.Generator] | None = None,
                      r0: float | None = None, progress: bool = False) -> torch.Tensor:
     """Sample soft-tissue latents for a batch of CXR latents ``cond`` (B, 4, h, w) (global path).
 
     Args:
         sampler_cfg: :class:`utils.config.SamplerConfig` (name, steps, eta, clip settings).
         r0: first clip range (default ``sampler_cfg.clip_r0_global``).
-        generator: seeds x_T and every step's noise, so a seed gives the same sample.
+        generator: seeds x_T and every step's noise, so a seed gives the same sample; a list of B
+            generators makes each element's sample independent of the rest of the batch.
     """
     r0 = sampler_cfg.clip_r0_global if r0 is None else r0
     return sample(make_denoiser(unet, schedule, cond, cond_mode), schedule, tuple(cond.shape),

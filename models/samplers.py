@@ -272,7 +272,8 @@ def sample(denoise_fn: DenoiseFn, schedule: NoiseSchedule, shape: tuple[int, ...
     if clip_ranges is not None and len(clip_ranges) != n:
         raise ValueError(f"clip_ranges has {len(clip_ranges)} entries for {n} steps")
     if x_T is None:
-        device = device if device is not None else (generator.device if generator is not None else "cpu")
+        first = generator[0] if isinstance(generator, (list, tuple)) else generator
+        device = device if device is not None else (first.device if first is not None else "cpu")
         x = randn(shape, generator, device)
     else:
         if tuple(x_T.shape) != tuple(shape):

@@ -23,7 +23,7 @@ Condition modes (§3.5). The reference noises the 8-channel tensor [z_target ; z
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,14 +41,20 @@ COND_MODES = ("clean", "bug_compatible", "scaled_consistent")
 # Random numbers
 # --------------------------------------------------------------------------------------------------
 
-def randn(shape: tuple[int, ...] | torch.Size, generator: torch.Generator | None = None,
+def randn(shape: tuple[int, ...] | torch.Size, generator: torch.Generator | Sequence[torch.Generator] | None = None,
           device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Standard normal tensor drawn from ``generator`` and returned on ``device``.
 
     The numbers are drawn on the generator's own device (a CPU generator can drive a CUDA run), so
     a given seed gives the same numbers whatever ``device`` is, as long as the generator's device
-    is the same.
+    is the same. ``generator`` may also be a list with one generator per batch element (``shape[0]``
+    of them): each element's noise then depends only on its own generator, so a sample does not
+    change with the batch it is computed in.
     """
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        return torch.stack([randn(tuple(shape[1:]), g, device, dtype) for g in generator])
     draw_device = generator.device if generator is not None else device
     return torch.randn(tuple(shape), generator=generator, device=draw_device, dtype=dtype).to(device)
 

@@ -93,3 +93,35 @@ def test_eval_native_size_and_seeded(stage1, tmp_path):
     assert any(not np.array_equal(read_image(out1 / n).pixels, read_image(out3 / n).pixels) for n in names)
     timing = json.loads((out1 / "timing.json").read_text())
     assert set(timing["seconds_per_image"]) == {"encode", "sample", "decode"}
+    # batch-independent: one image at a time gives the same pixels; finished outputs are skipped
+    cfg.sampler.seed -= 1
+    (out1 / names[0]).unlink()
+    again = ldm_eval.main(cfg, ckpt, out_dir=out1, batch_size=1, progress=False)
+    assert (again["written"], again["skipped_existing"]) == (1, len(names) - 1)
+    np.testing.assert_array_equal(read_image(out1 / names[0]).pixels, read_image(out2 / names[0]).pixels)
+
+
+def test_eval_cli_folder_bad_file_and_input_guard(stage1, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    root, _ = stage1
+    run = ldm_train.main(cfg_for(stage1, tmp_path, "ldm_train.epochs=1"), progress=False)
+    ckpt = run / "checkpoints" / "best.pt"
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "bad.png").write_bytes(b"\x89PNG broken")
+    for n in ("c00.png", "c01.png"):
+        (folder / n).write_bytes((root / "CXR" / n).read_bytes())
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    cmd = [sys.executable, "ldm_eval.py", "--ckpt", str(ckpt), "--input", str(folder), "--no-progress",
+           "--sampler", "ddim", "--steps", "3"]
+    res = subprocess.run(cmd + ["--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 1, res.stderr
+    assert "bad.png: not a readable image" in res.stderr and "2 of 3 images written" in res.stdout
+    assert json.loads((tmp_path / "out" / "timing.json").read_text())["sampler"]["name"] == "ddim"
+    res = subprocess.run(cmd + ["--out", str(folder)], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 2 and "the output folder is the input folder" in res.stderr
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before          # inputs untouched

@@ -255,3 +255,19 @@ def test_tiny_unet_end_to_end(sched):
     fn = lambda x, t: model(model_input_sample(x, cond, t, sched, "scaled_consistent"), t)  # noqa: E731
     out = sample(fn, sched, SHAPE, "lcm", 2, clip_ranges(2.0, 0.025, 2), gen(0))
     assert out.shape == SHAPE and torch.isfinite(out).all()
+
+
+def test_per_sample_generators_make_samples_batch_independent():
+    """With one generator per element, an element's sample is the same alone or in a batch."""
+    schedule = NoiseSchedule(1000, "scaled_linear")
+
+    def denoise(x, t):
+        return 0.5 * x
+
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (11, 12, 13)]  # noqa: E731
+    for name, steps in (("lcm", 4), ("ddim", 5), ("ddpm", 6)):
+        batch = sample(denoise, schedule, (3, 4, 8, 8), name, steps, generator=gens(), eta=1.0)
+        alone = sample(denoise, schedule, (1, 4, 8, 8), name, steps, generator=gens()[1:2], eta=1.0)
+        torch.testing.assert_close(batch[1:2], alone, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="2 generators for a batch of 3"):
+        sample(denoise, schedule, (3, 4, 8, 8), "lcm", 2, generator=gens()[:2])
