@@ -53,22 +53,25 @@ def ssim_components(x: torch.Tensor, y: torch.Tensor, window: torch.Tensor, data
 
     Args:
         x, y: (B, C, H, W) images.
-        window: (k, k) normalised window, k <= min(H, W).
+        window: (k, k) normalised, separable window (an outer product g gᵀ), k <= min(H, W).
         data_range: L.
     Returns:
         ssim_map, cs_map: (B, C, H - k + 1, W - k + 1).
     """
     c = x.shape[1]
-    w = window.to(dtype=x.dtype, device=x.device).expand(c, 1, *window.shape)
-
-    def blur(t: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(t, w, groups=c)
-
-    mu_x, mu_y = blur(x), blur(y)
+    # The Gaussian window is the outer product g gᵀ (its row sums are g), so one horizontal and one
+    # vertical 1-D pass give the same valid-padded blur with 2k instead of k² taps; the five moments
+    # are blurred in one grouped convolution.
+    g = window.sum(dim=1).to(dtype=x.dtype, device=x.device)
+    k = g.numel()
+    stacked = torch.cat([x, y, x * x, y * y, x * y], dim=1)             # (B, 5C, H, W)
+    blurred = F.conv2d(stacked, g.view(1, 1, 1, k).expand(5 * c, 1, 1, k), groups=5 * c)
+    blurred = F.conv2d(blurred, g.view(1, 1, k, 1).expand(5 * c, 1, k, 1), groups=5 * c)
+    mu_x, mu_y, e_xx, e_yy, e_xy = blurred.split(c, dim=1)
     mu_xx, mu_yy, mu_xy = mu_x * mu_x, mu_y * mu_y, mu_x * mu_y
-    var_x = blur(x * x) - mu_xx
-    var_y = blur(y * y) - mu_yy
-    cov = blur(x * y) - mu_xy
+    var_x = e_xx - mu_xx
+    var_y = e_yy - mu_yy
+    cov = e_xy - mu_xy
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     cs_map = (2.0 * cov + c2) / (var_x + var_y + c2)
     ssim_map = (2.0 * mu_xy + c1) / (mu_xx + mu_yy + c1) * cs_map
