@@ -125,3 +125,24 @@ def test_eval_cli_folder_bad_file_and_input_guard(stage1, tmp_path):
     res = subprocess.run(cmd + ["--out", str(folder)], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 2 and "the output folder is the input folder" in res.stderr
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before          # inputs untouched
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(stage1, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    root, vq = stage1
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "ldm_train.py", "--config", "configs/demo.yaml", "configs/smoke.yaml",
+                          "--set", f"data.root={root}", "--set", f"run.out_dir={tmp_path}",
+                          "--set", f"ldm_train.vqgan_ckpt={vq}", "--no-progress"],
+                         cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "2 process(es)" in res.stdout
+    (run,) = (tmp_path / "ldm").iterdir()
+    assert latest(run)["step"] == 4          # 9 pairs over 2 ranks, batch 4: 2 iterations per epoch
