@@ -1,10 +1,13 @@
-"""Stage 2: train the conditional latent noise estimator of BS-LDM / GL-LCM (method.md §3).
+"""Stage 2: train the conditional latent noise estimator of BS-LDM / GL-LCM (method.md §3), or
+distil a trained one into a few-step latent consistency model (``ldm_train.mode: distill``, §4.5).
 
 Usage:
     python ldm_train.py --config configs/demo.yaml --set ldm_train.vqgan_ckpt=runs/vqgan/000-demo/checkpoints/best.pt
     torchrun --standalone --nproc_per_node 4 ldm_train.py --config configs/szch.yaml \
         --set ldm_train.vqgan_ckpt=runs/vqgan/000-szch/checkpoints/best.pt
     python ldm_train.py --resume runs/ldm/000-demo [--set ldm_train.epochs=60]
+    python ldm_train.py --config configs/demo.yaml configs/distill.yaml \
+        --set distill.teacher_ckpt=runs/ldm/000-demo/checkpoints/best.pt        # consistency distillation
 
 The frozen first stage (rebuilt from its checkpoint) encodes every (CXR, soft tissue) pair of the
 train and val splits once (``ldm_train.cache_latents``; plus the lung-masked pairs with
@@ -14,6 +17,15 @@ offset noise ε + c·δ (MSE on the 4 supervised channels, timesteps drawn per r
 milestones in epochs; an EMA of the weights is kept, saved and used for validation and sampling
 (§7.6). Validation: ε-MSE on the val split with a fixed generator, and a PNG grid of sampled val
 images (CXR | prediction | target, all through the VQGAN decoder).
+
+Distillation (``ldm_train.mode: distill``): the teacher is a diffusion checkpoint of this stage
+(its EMA weights, frozen); the UNet, schedule, offset noise and condition mode are taken from its
+config, and so is the VQGAN unless ``ldm_train.vqgan_ckpt`` is given. The student starts from the
+teacher's weights; the EMA target network (μ = ``distill.target_ema``) is what gets saved as
+``ema`` and sampled. Each step draws a start time on the N-point DDIM grid, takes one DDIM teacher
+step k = T/N back, and regresses the student's consistency output onto the target's (L2 or
+pseudo-Huber, gradient norm clipped at 1). A teacher trained in ``bug_compatible`` mode yields a
+student in ``scaled_consistent`` mode (its sampling input is its training input, §3.5).
 
 Run folder ``<run.out_dir>/ldm/<NNN>-<run.name>/``: config.yaml, log.txt, metrics.csv, curves.png,
 samples/val_<epoch>.png, checkpoints/ (step_*.pt, best.pt by EMA val loss, latest.json).
@@ -32,10 +44,12 @@ from tqdm import tqdm
 
 from data.datasets import PairedDataset, split_list
 from models import build_unet, count_parameters, load_vqgan
+from models.distill import consistency_distillation_loss
 from models.inference import suppress_latents
 from models.schedule import build_schedule, training_loss
-from utils.checkpoint import CheckpointError, CheckpointManager, load_state
-from utils.config import ConfigError, add_config_args, config_from_args, config_to_dict, load_config, save_config
+from utils.checkpoint import CheckpointError, CheckpointManager, load_checkpoint, load_state
+from utils.config import (ConfigError, add_config_args, config_from_args, config_from_dict, config_to_dict,
+                          load_config, save_config)
 from utils.dist import (DistInfo, all_reduce_mean, autocast_context, barrier, cleanup_distributed,
                         seed_everything, setup_distributed)
 from utils.ema import EMA
@@ -65,13 +79,27 @@ def encode_pairs(vqgan, cfg, split: str, device: torch.device, progress: bool = 
     return TensorDataset(torch.cat(z_bs), torch.cat(z_cxr))
 
 
+def make_loss(cfg, schedule, teacher=None):
+    """``loss_fn(model, z_bs, z_cxr, generator) -> (loss, logs)`` of the configured mode.
+
+    Diffusion: ε-MSE with offset noise. Distillation: the LCD loss with ``model`` as the student and
+    as its own target (the trainer passes the EMA target network as ``target`` through a closure).
+    """
+    if cfg.ldm_train.mode == "diffusion":
+        return lambda model, z_bs, z_cxr, g=None, target=None: training_loss(
+            model, schedule, z_bs, z_cxr, cfg.diffusion, generator=g)
+    return lambda model, z_bs, z_cxr, g=None, target=None: consistency_distillation_loss(
+        model, model if target is None else target, teacher, schedule, z_bs, z_cxr, cfg.distill, cfg.diffusion,
+        generator=g)
+
+
 @torch.no_grad()
-def validate(unet, schedule, val_set: TensorDataset, cfg, device: torch.device) -> float:
-    """EMA-model ε-MSE over the val latents; the generator is reseeded so every call sees the same t and noise."""
+def validate(loss_fn, model, val_set: TensorDataset, cfg, device: torch.device) -> float:
+    """EMA-model loss over the val latents; the generator is reseeded so every call sees the same t and noise."""
     g = torch.Generator(device="cpu").manual_seed(cfg.run.seed)
     total, n = 0.0, 0
     for z_bs, z_cxr in DataLoader(val_set, batch_size=cfg.ldm_train.batch_size):
-        loss, _ = training_loss(unet, schedule, z_bs.to(device), z_cxr.to(device), cfg.diffusion, generator=g)
+        loss, _ = loss_fn(model, z_bs.to(device), z_cxr.to(device), g)
         total += loss.item() * len(z_bs)
         n += len(z_bs)
     return total / max(n, 1)
@@ -99,8 +127,9 @@ def main(cfg, resume: str | Path | None = None, progress: bool = True) -> Path:
 def _train(cfg, info: DistInfo, resume, progress: bool) -> Path:
     device, tc = info.device, cfg.ldm_train
     seed_everything(cfg.run.seed, info.rank)
-    if tc.mode != "diffusion":
-        raise ConfigError(f"ldm_train.mode={tc.mode!r} is not available yet; use 'diffusion'")
+    teacher = None
+    if tc.mode == "distill":
+        teacher = load_teacher(cfg, device)
     if not tc.cache_latents:
         raise ConfigError("ldm_train.cache_latents=false is not supported: the frozen VQGAN's latents are "
                           "encoded once (set data.augment=false and cache_latents=true)")
@@ -126,7 +155,11 @@ def _train(cfg, info: DistInfo, resume, progress: bool) -> Path:
     log = get_logger(run_dir, info.is_main, name=STAGE)
     schedule = build_schedule(cfg.diffusion)
     unet = build_unet(cfg.unet, image_size=latent).to(device)
-    ema = EMA(unet, tc.ema_decay)
+    if teacher is not None:
+        unet.load_state_dict(teacher.state_dict())      # the student starts as the teacher
+    # Diffusion: the evaluation EMA. Distillation: the EMA target network θ⁻ (also what is sampled).
+    ema = EMA(unet, tc.ema_decay if teacher is None else cfg.distill.target_ema)
+    loss_fn = make_loss(cfg, schedule, teacher)
     unet_ddp = DistributedDataParallel(unet, device_ids=[device.index] if device.type == "cuda" else None) \
         if info.distributed else unet
     sampler = DistributedSampler(train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True,
@@ -156,8 +189,8 @@ def _train(cfg, info: DistInfo, resume, progress: bool) -> Path:
         metrics_log.truncate_after(step)
     log.info(f"run {run_dir} | {info.world_size} process(es) on {device} | UNet {count_parameters(unet):,} params "
              f"| latents {tuple(train_set.tensors[0].shape[1:])} | {len(train_set)} train / {len(val_set)} val "
-             f"pairs, {steps_per_epoch} iterations per epoch | {cfg.diffusion.beta_schedule}, offset noise "
-             f"{cfg.diffusion.offset_noise}, condition {cfg.diffusion.cond_mode}")
+             f"pairs, {steps_per_epoch} iterations per epoch | {tc.mode} | {cfg.diffusion.beta_schedule}, offset "
+             f"noise {cfg.diffusion.offset_noise}, condition {cfg.diffusion.cond_mode}")
 
     amp = autocast_context(device, tc.amp)
     for epoch in range(start_epoch, tc.epochs):
@@ -167,10 +200,12 @@ def _train(cfg, info: DistInfo, resume, progress: bool) -> Path:
                    leave=False, dynamic_ncols=True)
         for z_bs, z_cxr in bar:
             with amp:
-                loss, logs = training_loss(unet_ddp, schedule, z_bs.to(device), z_cxr.to(device), cfg.diffusion)
-            check_finite(loss, "diffusion", step, epoch, ckpts, info)
+                loss, logs = loss_fn(unet_ddp, z_bs.to(device), z_cxr.to(device), None, ema.shadow)
+            check_finite(loss, tc.mode, step, epoch, ckpts, info)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if teacher is not None:
+                logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0))
             opt.step()
             sched.step()
             ema.update(unet)
@@ -186,11 +221,11 @@ def _train(cfg, info: DistInfo, resume, progress: bool) -> Path:
         last = epoch + 1 == tc.epochs
         is_best = False
         if info.is_main and ((epoch + 1) % tc.val_every == 0 or last) and len(val_set):
-            val = validate(ema.shadow, schedule, val_set, cfg, device)
+            val = validate(loss_fn, ema.shadow, val_set, cfg, device)
             is_best = val < best
             best = min(best, val)
             metrics_log.log({"step": step, "epoch": epoch, "split": "val", "val_loss": val})
-            log.info(f"epoch {epoch + 1} step {step} | val_loss (EMA) {val:.4f}" + (" best" if is_best else ""))
+            log.info(f"epoch {epoch + 1} step {step} | val_loss (EMA) {val:.4g}" + (" best" if is_best else ""))
             sample_grid(run_dir / "samples" / f"val_{epoch + 1:04d}.png", ema.shadow, vqgan, schedule, val_set,
                         cfg, device)
             plot_curves(run_dir / "metrics.csv", run_dir / "curves.png", ["loss", "val_loss"],
@@ -206,6 +241,33 @@ def _train(cfg, info: DistInfo, resume, progress: bool) -> Path:
             barrier(info)
     log.info(f"done: {run_dir}")
     return run_dir
+
+
+def load_teacher(cfg, device: torch.device):
+    """The frozen teacher (EMA weights) of a distillation run; copies its architecture, schedule,
+    offset noise and condition mode (and VQGAN, unless given) into ``cfg``."""
+    path = cfg.distill.teacher_ckpt
+    if not path:
+        raise ConfigError("distill.teacher_ckpt is empty: give a diffusion checkpoint of ldm_train.py, e.g. "
+                          "--set distill.teacher_ckpt=runs/ldm/000-demo/checkpoints/best.pt")
+    ckpt = load_checkpoint(path, kind=STAGE)
+    tcfg = config_from_dict(ckpt["config"], source=f"{path} (config)")
+    if tcfg.ldm_train.mode != "diffusion":
+        raise CheckpointError(f"{path}: is a '{tcfg.ldm_train.mode}' checkpoint; the teacher must be a diffusion model")
+    for key in ("image_size", "invert"):
+        if getattr(tcfg.data, key) != getattr(cfg.data, key):
+            raise CheckpointError(f"{path}: teacher trained with data.{key}={getattr(tcfg.data, key)!r}, "
+                                  f"this config has {getattr(cfg.data, key)!r}")
+    cfg.unet = tcfg.unet
+    cfg.diffusion = tcfg.diffusion
+    if cfg.diffusion.cond_mode == "bug_compatible":
+        # Same training input (√ᾱ_t·c); sampling then feeds what the student was distilled on.
+        cfg.diffusion.cond_mode = "scaled_consistent"
+    if not cfg.ldm_train.vqgan_ckpt:
+        cfg.ldm_train.vqgan_ckpt = tcfg.ldm_train.vqgan_ckpt
+    teacher = build_unet(tcfg.unet, image_size=ckpt["extra"]["latent_size"])
+    load_state(teacher, ckpt["state"]["ema"], path, "ema")
+    return teacher.to(device).eval().requires_grad_(False)
 
 
 def build_parser() -> argparse.ArgumentParser:

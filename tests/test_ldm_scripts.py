@@ -146,3 +146,38 @@ def test_ddp_two_cpu_processes(stage1, tmp_path):
     assert "2 process(es)" in res.stdout
     (run,) = (tmp_path / "ldm").iterdir()
     assert latest(run)["step"] == 4          # 9 pairs over 2 ranks, batch 4: 2 iterations per epoch
+
+
+def test_distillation_mode(stage1, tmp_path):
+    from tests.conftest import ROOT
+    from utils.config import load_config
+
+    root, vq = stage1
+    teacher_run = ldm_train.main(cfg_for(stage1, tmp_path / "t", "ldm_train.epochs=1",
+                                         "diffusion.cond_mode=bug_compatible"), progress=False)
+    teacher_ckpt = teacher_run / "checkpoints" / "best.pt"
+    cfg = load_config([ROOT / "configs" / "demo.yaml", ROOT / "configs" / "smoke.yaml", ROOT / "configs" / "distill.yaml"],
+                      [f"data.root={root}", f"run.out_dir={tmp_path / 's'}", f"distill.teacher_ckpt={teacher_ckpt}",
+                       "ldm_train.epochs=1", "unet.model_channels=64"])   # the teacher's architecture wins
+    run = ldm_train.main(cfg, progress=False)
+    ckpt = latest(run)
+    saved = ckpt["config"]
+    assert saved["ldm_train"]["mode"] == "distill" and saved["unet"]["model_channels"] == 32
+    assert saved["diffusion"]["cond_mode"] == "scaled_consistent"     # bug_compatible teacher, consistent student
+    assert saved["ldm_train"]["vqgan_ckpt"] == str(vq)
+    teacher = load_checkpoint(teacher_ckpt)["state"]["ema"]
+    moved = [k for k, v in ckpt["state"]["unet"].items() if v.dtype.is_floating_point and not torch.equal(v, teacher[k])]
+    assert moved                                                        # the student trained away from the teacher
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert all(np.isfinite(float(r["loss"])) for r in rows if r["split"] == "train")
+    # ldm_eval takes the distilled checkpoint's sampler: LCM, 4 steps
+    ecfg = ldm_eval.config_for(ldm_eval.build_parser().parse_args(["--ckpt", str(run / "checkpoints" / "best.pt")]))
+    summary = ldm_eval.main(ecfg, run / "checkpoints" / "best.pt", out_dir=tmp_path / "o", progress=False)
+    assert summary["sampler"]["name"] == "lcm" and summary["sampler"]["steps"] == 4 and summary["written"] > 0
+    # a distilled checkpoint is not a teacher; an empty teacher path is a clear error
+    with pytest.raises(CheckpointError, match="the teacher must be a diffusion model"):
+        cfg.distill.teacher_ckpt = str(run / "checkpoints" / "best.pt")
+        ldm_train.main(cfg, progress=False)
+    with pytest.raises(ConfigError, match="distill.teacher_ckpt is empty"):
+        cfg.distill.teacher_ckpt = ""
+        ldm_train.main(cfg, progress=False)
