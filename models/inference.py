@@ -40,7 +40,7 @@ def tat_ranges(sampler_cfg, r0: float) -> list[float] | None:
 @torch.no_grad()
 def suppress_latents(unet: torch.nn.Module, schedule: NoiseSchedule, cond: torch.Tensor, sampler_cfg,
                      cond_mode: str, generator: torch.Generator | list[torch.Generator] | None = None,
-                     r0: float | None = None, progress: bool = False) -> torch.Tensor:
+                     r0: float | None = None, progress: bool = False, callback=None) -> torch.Tensor:
     """Sample soft-tissue latents for a batch of CXR latents ``cond`` (B, 4, h, w) (global path).
 
     Args:
@@ -48,9 +48,10 @@ def suppress_latents(unet: torch.nn.Module, schedule: NoiseSchedule, cond: torch
         r0: first clip range (default ``sampler_cfg.clip_r0_global``).
         generator: seeds x_T and every step's noise, so a seed gives the same sample; a list of B
             generators makes each element's sample independent of the rest of the batch.
+        callback: passed to :func:`models.samplers.sample` (``callback(j, t, step_output)``).
     """
     r0 = sampler_cfg.clip_r0_global if r0 is None else r0
     return sample(make_denoiser(unet, schedule, cond, cond_mode), schedule, tuple(cond.shape),
                   sampler_name=sampler_cfg.name, steps=sampler_cfg.steps,
                   clip_ranges=tat_ranges(sampler_cfg, r0), generator=generator, eta=sampler_cfg.eta,
-                  device=cond.device, progress=progress)
+                  device=cond.device, progress=progress, callback=callback)

@@ -25,7 +25,7 @@ import torch
 from models.schedule import NoiseSchedule, randn
 
 __all__ = ["StepOutput", "timesteps_ddpm", "timesteps_ddim", "timesteps_lcm", "clip_ranges",
-           "consistency_scalings", "ddpm_step", "ddim_step", "lcm_step", "sample_timesteps", "sample",
+           "consistency_scalings", "ddpm_step", "ddim_step", "lcm_step", "sampler_step", "sample_timesteps", "sample",
            "SAMPLERS"]
 
 SAMPLERS = ("ddpm", "ddim", "lcm")
@@ -219,6 +219,18 @@ def lcm_step(schedule: NoiseSchedule, eps: torch.Tensor, t: int, t_next: int | N
 # Loop
 # --------------------------------------------------------------------------------------------------
 
+def sampler_step(name: str, schedule: NoiseSchedule, eps: torch.Tensor, t: int, t_next: int | None,
+                 x_t: torch.Tensor, clip_range: float | None, generator=None, eta: float = 0.0,
+                 sigma_data: float = 0.5, timestep_scaling: float = 10.0) -> StepOutput:
+    """One step of sampler ``name`` from grid timestep ``t`` to ``t_next`` (None after the last step)."""
+    if name == "lcm":
+        return lcm_step(schedule, eps, t, t_next, x_t, clip_range, generator, sigma_data, timestep_scaling)
+    t_prev = -1 if t_next is None else t_next
+    if name == "ddim":
+        return ddim_step(schedule, eps, t, t_prev, x_t, clip_range, generator, eta)
+    return ddpm_step(schedule, eps, t, x_t, clip_range, generator, t_prev=t_prev)
+
+
 def sample_timesteps(sampler_name: str, steps: int | None, num_train_timesteps: int = 1000,
                      original_steps: int = 50) -> list[int]:
     """The timestep list a :func:`sample` run visits (``steps=None``: 1000 for DDPM, 50 otherwise)."""
@@ -291,12 +303,8 @@ def sample(denoise_fn: DenoiseFn, schedule: NoiseSchedule, shape: tuple[int, ...
         t_next = timesteps[j + 1] if j + 1 < n else None
         r = None if clip_ranges is None else clip_ranges[j]
         eps = denoise_fn(x, t_batch[j])
-        if sampler_name == "lcm":
-            out = lcm_step(schedule, eps, t, t_next, x, r, generator, sigma_data, timestep_scaling)
-        elif sampler_name == "ddim":
-            out = ddim_step(schedule, eps, t, -1 if t_next is None else t_next, x, r, generator, eta)
-        else:
-            out = ddpm_step(schedule, eps, t, x, r, generator, t_prev=-1 if t_next is None else t_next)
+        out = sampler_step(sampler_name, schedule, eps, t, t_next, x, r, generator, eta, sigma_data,
+                           timestep_scaling)
         x = out.prev_sample
         if callback is not None:
             callback(j, t, out)
