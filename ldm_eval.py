@@ -7,17 +7,24 @@ Usage:
     python ldm_eval.py --ckpt CKPT --set sampler.name=ddpm --set sampler.steps=1000 \
         --set sampler.clip_r0_global=1.4 --set sampler.clip_kappa=0.003          # BS-LDM's sampler
 
-Each CXR is read at native size, normalised (and inverted with ``data.invert``), resized to
-``data.image_size``, encoded by the frozen VQGAN named in the checkpoint's config, sampled with
-``sampler.*`` (temporal adaptive thresholding r_j = r0 + κ·j when ``sampler.clip``), decoded,
-clipped, resized back to the source size and written with the source's bit depth as
-``<out>/<name>`` (PNG; a DICOM input gives a PNG and a DICOM of the same study). Uses the EMA
-weights unless ``--weights raw``. Each image's noise comes from its own generator, seeded by
-``sampler.seed`` and the file name, so the same checkpoint, config and seed give the same image
-whatever the batch or the order. Outputs that already exist are skipped (the run is resumable;
-``--overwrite`` redoes them); the output folder may not be the input folder; a bad file is reported
-and the others go on. ``timing.json`` records the seconds per image spent in encoding, sampling and
-decoding. Default output: ``<run>/eval/<split>/``.
+Each CXR is read at native size (PNG 8/16-bit, JPEG, TIFF, DICOM) and run through
+``models.pipeline.BoneSuppressor``: resized to the model size, VQ-encoded, sampled with ``sampler.*``
+(temporal adaptive thresholding r_j = r0 + κ·j when ``sampler.clip``), decoded, and brought back to
+native size (``output.mode``). With ``global_local.enabled`` (GL-LCM) a second, local path is
+conditioned on the lung-masked CXR, guided by Local-Enhanced Guidance (``global_local.leg_mode``,
+``alpha``), sampled in the same batched UNet calls, and fused into the global result inside the
+lungs (``global_local.fusion``: poisson | alpha | none). Lung masks come from ``--masks DIR``
+(default ``<data.root>/Mask`` for a split) or from the built-in segmenter
+(``--set global_local.masks=auto``); ``--global-only`` switches the local path off.
+
+Outputs: ``<out>/<name>`` with the input's name, size and bit depth (PNG; a DICOM input also gets a
+derived DICOM of the same study); ``--save-paths`` adds the model-size global, local and fused
+images. The EMA weights are used unless ``--weights raw``. Each image's noise comes from its own
+generators, seeded by ``sampler.seed`` and the file name, so the same checkpoint, config and seed
+give the same image whatever the batch or the order. Finished outputs are skipped (resumable;
+``--overwrite`` redoes them); the output folder may not be the input folder; a bad file is
+reported and the others go on. ``timing.json`` splits the time per image into encoding, sampling,
+decoding and fusion. Default output: ``<run>/eval/<split>/``.
 
 Score the outputs with ``metrics.py --cxr ROOT/CXR --gt ROOT/BS --pred OUT --list LIST``.
 """
@@ -26,18 +33,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-import zlib
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from data.datasets import CXR, split_list
+import numpy as np
+
+from data.datasets import CXR, MASK, split_list
 from data.io import ImageError, is_image_file, read_image, write_dicom, write_png
-from data.transforms import from_model, resize, restore_size, to_model
+from data.masking import binarize_mask
 from models import build_unet, load_vqgan
-from models.inference import suppress_latents
+from models.pipeline import BoneSuppressor
 from models.schedule import build_schedule
 from utils.atomic import atomic_write_text
 from utils.checkpoint import CheckpointError, load_checkpoint, load_state
@@ -67,81 +74,95 @@ def image_jobs(cfg, split: str | None, input_dir: str | None) -> list[Path]:
     return [root / CXR / n for n in split_list(cfg.data, split)]
 
 
-def image_generator(seed: int, name: str) -> torch.Generator:
-    """The generator of one image: depends on the seed and the file name only."""
-    return torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-
-
 def output_name(path: Path) -> str:
     """PNG name of an output (a DICOM input also gets a .dcm beside it)."""
     return path.stem + ".png" if path.suffix.lower() in (".dcm", ".dicom") else path.name
 
 
+def load_mask(path: Path, mask_dir: Path | None, pixels: np.ndarray, auto: bool, max_pixels: int) -> np.ndarray:
+    """The lung mask of one image: ``mask_dir/<name>`` (PNG of the same size), or the built-in segmenter."""
+    if auto:
+        from data.lungseg import segment_lungs
+
+        return segment_lungs(pixels)
+    if mask_dir is None:
+        raise ValueError("the global-local path needs lung masks: give --masks DIR or set global_local.masks=auto")
+    candidates = [mask_dir / path.name, mask_dir / (path.stem + ".png")]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise ImageError(candidates[-1], "lung mask not found")
+    m = read_image(found, max_pixels)
+    if m.size != pixels.shape:
+        raise ImageError(found, f"mask size {m.size} differs from its CXR {path} of size {pixels.shape}")
+    return binarize_mask(m.pixels)
+
+
 def main(cfg, ckpt: str | Path, split: str | None = "test", input_dir: str | None = None,
          out_dir: str | Path | None = None, weights: str = "ema", batch_size: int = 4,
-         overwrite: bool = False, progress: bool = True) -> dict:
-    """Suppress bones in every job image; return the timing summary (also written as timing.json)."""
+         overwrite: bool = False, masks_dir: str | None = None, save_paths: bool = False,
+         progress: bool = True) -> dict:
+    """Suppress bones in every job image; return the summary (also written as timing.json)."""
     device = resolve_device(cfg.run.device)
     unet, train_cfg = load_ldm(ckpt, device, weights)
     vqgan, _ = load_vqgan(train_cfg.ldm_train.vqgan_ckpt, device)
-    schedule = build_schedule(train_cfg.diffusion)
+    # The model's own size and intensity convention; sampling, guidance, fusion and output from cfg.
+    cfg.data.image_size, cfg.data.invert = train_cfg.data.image_size, train_cfg.data.invert
+    suppressor = BoneSuppressor(unet, vqgan, build_schedule(train_cfg.diffusion), cfg, train_cfg.diffusion.cond_mode)
     jobs = image_jobs(cfg, split, input_dir)
     if not jobs:
         raise ValueError(f"no images to process ({input_dir or split})")
     out_dir = Path(out_dir) if out_dir else Path(ckpt).resolve().parent.parent / "eval" / (
         Path(input_dir).name if input_dir else split)
-    if out_dir.exists() and any(out_dir.resolve() == p.parent.resolve() for p in jobs[:1]):
+    if out_dir.exists() and out_dir.resolve() == jobs[0].parent.resolve():
         raise ValueError(f"{out_dir}: the output folder is the input folder; choose another --out")
+    gl = cfg.global_local
+    auto = gl.enabled and gl.masks == "auto"
+    mask_dir = Path(masks_dir) if masks_dir else (Path(cfg.data.root) / MASK if input_dir is None else None)
     skipped = [p for p in jobs if not overwrite and (out_dir / output_name(p)).is_file()]
     jobs = [p for p in jobs if p not in skipped]
-    size, invert = train_cfg.data.image_size, train_cfg.data.invert
-    times = {"encode": 0.0, "sample": 0.0, "decode": 0.0}
     failures, done = [], 0
     bar = tqdm(total=len(jobs), desc="bone suppression", disable=not progress)
     for start in range(0, len(jobs), batch_size):
-        images = []
+        batch = []
         for path in jobs[start:start + batch_size]:
             try:
-                images.append(read_image(path, cfg.data.max_pixels))
-            except ImageError as e:
-                failures.append({"name": path.name, "error": e.reason})
+                im = read_image(path, cfg.data.max_pixels)
+                mask = load_mask(path, mask_dir, im.pixels, auto, cfg.data.max_pixels) if gl.enabled else None
+                batch.append((im, mask))
+            except (ImageError, ValueError) as e:   # unreadable image, missing mask, no lungs found
+                failures.append({"name": path.name, "error": str(e)})
                 print(f"ldm_eval.py: {e}", file=sys.stderr)
-        bar.update(len(jobs[start:start + batch_size]) - len(images))
-        if not images:
+        bar.update(len(jobs[start:start + batch_size]) - len(batch))
+        if not batch:
             continue
-        x = torch.stack([resize(to_model(im.pixels, invert), size) for im in images]).to(device)
-        with torch.no_grad():
-            t0 = time.perf_counter()
-            cond = vqgan.encode_stage_2_inputs(x)
-            t1 = time.perf_counter()
-            generators = [image_generator(cfg.sampler.seed, Path(im.path).name) for im in images]
-            z = suppress_latents(unet, schedule, cond, cfg.sampler, train_cfg.diffusion.cond_mode, generators,
-                                 progress=progress)
-            t2 = time.perf_counter()
-            pred = vqgan.decode(z).float().cpu()
-            t3 = time.perf_counter()
-        times["encode"] += t1 - t0
-        times["sample"] += t2 - t1
-        times["decode"] += t3 - t2
-        for im, p in zip(images, pred):
-            pixels = from_model(restore_size(p, im.size), invert)[0]
+        results = suppressor([im.pixels for im, _ in batch], [m for _, m in batch],
+                             [Path(im.path).name for im, _ in batch], progress=progress)
+        for (im, _), res in zip(batch, results):
+            src = Path(im.path)
             if im.dicom is not None:
-                write_dicom(out_dir / Path(im.path).name, pixels, im)
-            write_png(out_dir / output_name(Path(im.path)), pixels, bit_depth=16 if im.bit_depth > 8 else 8,
-                      inputs=(im.path,))
+                write_dicom(out_dir / src.name, res.soft, im)
+            if save_paths:
+                for part, img in (("global", res.global_img), ("local", res.local_img), ("fused", res.fused)):
+                    if img is not None:
+                        write_png(out_dir / "paths" / part / output_name(src), img)
+            write_png(out_dir / output_name(src), res.soft, bit_depth=16 if im.bit_depth > 8 else 8, inputs=(src,))
             done += 1
-        bar.update(len(images))
+        bar.update(len(batch))
     bar.close()
+    per = {k: v / max(done, 1) for k, v in suppressor.times.items()}
     summary = {"checkpoint": str(ckpt), "weights": weights, "images": len(jobs) + len(skipped), "written": done,
-               "skipped_existing": len(skipped),
-               "failures": failures, "sampler": {"name": cfg.sampler.name, "steps": cfg.sampler.steps,
-                                                 "clip": cfg.sampler.clip, "r0": cfg.sampler.clip_r0_global,
-                                                 "kappa": cfg.sampler.clip_kappa, "seed": cfg.sampler.seed},
-               "seconds_per_image": {k: v / max(done, 1) for k, v in times.items()}}
+               "skipped_existing": len(skipped), "failures": failures,
+               "sampler": {"name": cfg.sampler.name, "steps": cfg.sampler.steps, "clip": cfg.sampler.clip,
+                           "r0_global": cfg.sampler.clip_r0_global, "r0_local": cfg.sampler.clip_r0_local,
+                           "kappa": cfg.sampler.clip_kappa, "seed": cfg.sampler.seed},
+               "global_local": {"enabled": gl.enabled, "leg_mode": gl.leg_mode, "alpha": gl.alpha,
+                                "fusion": gl.fusion, "masks": gl.masks},
+               "output_mode": cfg.output.mode, "seconds_per_image": per}
     atomic_write_text(out_dir / "timing.json", json.dumps(summary, indent=2) + "\n")
-    per = summary["seconds_per_image"]
-    print(f"{done} of {len(jobs)} images written, {len(skipped)} already done, {len(failures)} failed -> {out_dir} | s/image: encode {per['encode']:.3f}, "
-          f"sample {per['sample']:.3f} ({cfg.sampler.name} x{cfg.sampler.steps}), decode {per['decode']:.3f}")
+    print(f"{done} of {len(jobs)} images written, {len(skipped)} already done, {len(failures)} failed -> {out_dir}"
+          f" | s/image: encode {per['encode']:.3f}, sample {per['sample']:.3f} ({cfg.sampler.name} x"
+          f"{cfg.sampler.steps}, {'global+local' if gl.enabled else 'global'}), decode {per['decode']:.3f}, "
+          f"fusion {per['fusion']:.3f}")
     return summary
 
 
@@ -159,6 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, help="override sampler.steps")
     parser.add_argument("--weights", choices=["ema", "raw"], default="ema")
     parser.add_argument("--overwrite", action="store_true", help="redo outputs that already exist")
+    parser.add_argument("--masks", dest="masks_dir", help="folder of lung masks (default <data.root>/Mask for a "
+                        "split); or --set global_local.masks=auto for the built-in segmenter")
+    parser.add_argument("--global-only", action="store_true", help="global path only (no masks, no fusion)")
+    parser.add_argument("--save-paths", action="store_true",
+                        help="also write the model-size global, local and fused images under <out>/paths/")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     return parser
@@ -171,6 +197,8 @@ def config_for(args: argparse.Namespace):
         overrides.append(f"sampler.name={args.sampler}")
     if args.steps is not None:
         overrides.append(f"sampler.steps={args.steps}")
+    if args.global_only:
+        overrides.append("global_local.enabled=false")
     if args.config:
         return load_config(args.config, overrides)
     ckpt = load_checkpoint(args.ckpt, kind=STAGE)
@@ -182,7 +210,8 @@ if __name__ == "__main__":
     try:
         summary = main(config_for(args), args.ckpt, split=args.split, input_dir=args.input_dir,
                        out_dir=args.out_dir, weights=args.weights, batch_size=args.batch_size,
-                       overwrite=args.overwrite, progress=args.progress)
+                       overwrite=args.overwrite, masks_dir=args.masks_dir, save_paths=args.save_paths,
+                       progress=args.progress)
     except (ConfigError, CheckpointError, ImageError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -22,7 +22,8 @@ def load_script(name: str):
 
 
 def tiny_dataset(root: Path, n: int = 12, size: int = 40, seed: int = 0) -> Path:
-    """n smooth random pairs (BS = 0.8 CXR) plus the split lists, via dataSegmentation.main."""
+    """n smooth random pairs (BS = 0.8 CXR) with two-rectangle "lung" masks, plus the split lists
+    (and masked copies), via dataSegmentation.main."""
     import dataSegmentation
 
     rng = np.random.default_rng(seed)
@@ -33,6 +34,10 @@ def tiny_dataset(root: Path, n: int = 12, size: int = 40, seed: int = 0) -> Path
         cxr = np.clip(base + 0.05 * rng.standard_normal((size, size)), 0, 1)
         write_gray(root / "CXR" / name, (cxr * 255).astype(np.uint8))
         write_gray(root / "BS" / name, (cxr * 0.8 * 255).astype(np.uint8))
+        mask = np.zeros((size, size), np.uint8)
+        mask[size // 5: 4 * size // 5, size // 8: 3 * size // 8] = 255
+        mask[size // 5: 4 * size // 5, 5 * size // 8: 7 * size // 8] = 255
+        write_gray(root / "Mask" / name, mask)
     dataSegmentation.main(smoke_config(root, root.parent / "runs"), progress=False)
     return root
 

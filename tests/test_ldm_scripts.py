@@ -92,7 +92,7 @@ def test_eval_native_size_and_seeded(stage1, tmp_path):
         np.testing.assert_array_equal(a, b)                                # same seed, same image
     assert any(not np.array_equal(read_image(out1 / n).pixels, read_image(out3 / n).pixels) for n in names)
     timing = json.loads((out1 / "timing.json").read_text())
-    assert set(timing["seconds_per_image"]) == {"encode", "sample", "decode"}
+    assert set(timing["seconds_per_image"]) == {"encode", "sample", "decode", "fusion"}
     # batch-independent: one image at a time gives the same pixels; finished outputs are skipped
     cfg.sampler.seed -= 1
     (out1 / names[0]).unlink()
@@ -117,11 +117,17 @@ def test_eval_cli_folder_bad_file_and_input_guard(stage1, tmp_path):
         (folder / n).write_bytes((root / "CXR" / n).read_bytes())
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     cmd = [sys.executable, "ldm_eval.py", "--ckpt", str(ckpt), "--input", str(folder), "--no-progress",
-           "--sampler", "ddim", "--steps", "3"]
+           "--sampler", "ddim", "--steps", "3", "--masks", str(root / "Mask")]
     res = subprocess.run(cmd + ["--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 1, res.stderr
     assert "bad.png: not a readable image" in res.stderr and "2 of 3 images written" in res.stdout
     assert json.loads((tmp_path / "out" / "timing.json").read_text())["sampler"]["name"] == "ddim"
+    # without masks the global-local path reports every image; --global-only needs none
+    res = subprocess.run(cmd[:-2] + ["--out", str(tmp_path / "nomask")], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 1 and "needs lung masks" in res.stderr
+    res = subprocess.run(cmd[:-2] + ["--global-only", "--out", str(tmp_path / "g")], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert res.returncode == 1 and "2 of 3 images written" in res.stdout
     res = subprocess.run(cmd + ["--out", str(folder)], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 2 and "the output folder is the input folder" in res.stderr
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before          # inputs untouched
@@ -181,3 +187,43 @@ def test_distillation_mode(stage1, tmp_path):
     with pytest.raises(ConfigError, match="distill.teacher_ckpt is empty"):
         cfg.distill.teacher_ckpt = ""
         ldm_train.main(cfg, progress=False)
+
+
+def test_eval_dicom_and_16bit_native_output(stage1, tmp_path, dicom_chest):
+    import pydicom
+
+    from data.io import write_png
+
+    root, _ = stage1
+    run = ldm_train.main(cfg_for(stage1, tmp_path, "ldm_train.epochs=1"), progress=False)
+    ckpt = run / "checkpoints" / "best.pt"
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "chest.dcm").write_bytes(dicom_chest.read_bytes())
+    src16 = read_image(root / "CXR" / "c00.png").pixels
+    write_png(folder / "c16.png", src16, bit_depth=16)
+    masks = tmp_path / "masks"
+    h, w = read_image(dicom_chest).size
+    m = np.zeros((h, w), np.uint8)
+    m[h // 5: 4 * h // 5, w // 8: 3 * w // 8] = 255
+    m[h // 5: 4 * h // 5, 5 * w // 8: 7 * w // 8] = 255
+    write_png(masks / "chest.png", m)
+    write_png(masks / "c16.png", read_image(root / "Mask" / "c00.png").pixels)
+    cfg = ldm_eval.config_for(ldm_eval.build_parser().parse_args(["--ckpt", str(ckpt)]))
+    summary = ldm_eval.main(cfg, ckpt, input_dir=folder, out_dir=tmp_path / "out", masks_dir=masks,
+                            save_paths=True, progress=False)
+    assert summary["written"] == 2 and not summary["failures"]
+    out16 = read_image(tmp_path / "out" / "c16.png")
+    assert out16.bit_depth == 16 and out16.size == (40, 40)
+    png = read_image(tmp_path / "out" / "chest.png")
+    assert png.size == (1955, 1841) and png.bit_depth == 16
+    src, out = pydicom.dcmread(dicom_chest), pydicom.dcmread(tmp_path / "out" / "chest.dcm")
+    assert (out.Rows, out.Columns, out.BitsStored, out.PhotometricInterpretation) == \
+        (src.Rows, src.Columns, src.BitsStored, src.PhotometricInterpretation)
+    assert out.PatientID == src.PatientID and out.StudyInstanceUID == src.StudyInstanceUID
+    assert out.SOPInstanceUID != src.SOPInstanceUID and out.SeriesInstanceUID != src.SeriesInstanceUID
+    assert "bone suppressed" in out.SeriesDescription and "DERIVED" in out.ImageType
+    assert out.pixel_array.shape == (1955, 1841)
+    for part in ("global", "local", "fused"):
+        assert (tmp_path / "out" / "paths" / part / "chest.png").is_file()
+    assert (folder / "chest.dcm").read_bytes() == dicom_chest.read_bytes()      # input untouched

@@ -199,8 +199,17 @@ class GlobalLocalConfig:
     enabled: bool = True
     leg_mode: Literal["none", "noise", "global_pred", "global_cond"] = "noise"
     alpha: float = 3.0
+    leg_std_channels: int = 4         # LEG "noise": std over the 4 supervised channels (8 = the reference)
     fusion: Literal["poisson", "alpha", "none"] = "poisson"
+    poisson_domain: Literal["mask", "bbox"] = "mask"   # bbox = OpenCV seamlessClone (changes the mediastinum)
     min_component_px: int = 100       # at 1024², scaled with the image area
+    masks: Literal["folder", "auto"] = "folder"       # <data.root>/Mask (or --masks DIR), or the built-in segmenter
+
+
+@dataclass
+class OutputConfig:
+    """How a model-size prediction becomes a native-size output (ldm_eval.py)."""
+    mode: Literal["native_residual", "resize"] = "native_residual"  # subtract the upsampled bone layer
 
 
 @dataclass
@@ -223,6 +232,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     global_local: GlobalLocalConfig = field(default_factory=GlobalLocalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 

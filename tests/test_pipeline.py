@@ -1,0 +1,72 @@
+"""models.pipeline: native-size output modes and the whole batch path on tiny random networks."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models import build_unet, build_vqgan
+from models.pipeline import BoneSuppressor, image_generators, upsample
+from models.schedule import build_schedule
+from tests.conftest import ROOT
+from utils.config import load_config
+
+
+@pytest.fixture
+def suppressor():
+    cfg = load_config([ROOT / "configs" / "demo.yaml", ROOT / "configs" / "smoke.yaml"])
+    torch.manual_seed(0)
+    vq = build_vqgan(cfg.vqgan).eval()
+    unet = build_unet(cfg.unet, image_size=8).eval()
+    for p in unet.out.parameters():          # undo the zero init so the prediction is not trivial
+        torch.nn.init.normal_(p, std=0.1)
+    return BoneSuppressor(unet, vq, build_schedule(cfg.diffusion), cfg, "clean")
+
+
+def two_lungs(h, w):
+    m = np.zeros((h, w), bool)
+    m[h // 5: 4 * h // 5, w // 8: 3 * w // 8] = True
+    m[h // 5: 4 * h // 5, 5 * w // 8: 7 * w // 8] = True
+    return m
+
+
+def test_native_residual_keeps_native_detail(suppressor):
+    rng = np.random.default_rng(0)
+    pixels = rng.random((70, 50)).astype(np.float32)          # detail finer than the 32² model size
+    cxr_model = upsample(pixels, (32, 32))
+    # no predicted bone: the output is the input, pixel for pixel
+    np.testing.assert_array_equal(suppressor.to_native(pixels, cxr_model, cxr_model), pixels)
+    # a constant bone layer c is subtracted everywhere (then clipped)
+    out = suppressor.to_native(pixels, cxr_model, cxr_model - 0.1)
+    np.testing.assert_allclose(out, np.clip(pixels - 0.1, 0, 1), atol=1e-6)
+    suppressor.cfg.output.mode = "resize"
+    assert np.abs(suppressor.to_native(pixels, cxr_model, cxr_model) - pixels).mean() > 0.05  # detail lost
+
+
+def test_batch_path_sizes_and_batch_independence(suppressor):
+    rng = np.random.default_rng(1)
+    images = [rng.random((70, 50)).astype(np.float32), rng.random((40, 40)).astype(np.float32)]
+    masks = [two_lungs(70, 50), two_lungs(40, 40)]
+    both = suppressor(images, masks, ["a.png", "b.png"])
+    assert [r.soft.shape for r in both] == [(70, 50), (40, 40)]
+    assert both[0].global_img.shape == both[0].local_img.shape == both[0].fused.shape == (32, 32)
+    alone = suppressor(images[1:], masks[1:], ["b.png"])
+    np.testing.assert_allclose(alone[0].soft, both[1].soft, atol=2e-5)     # batch-independent up to fp rounding
+    # fusion changes nothing outside the lungs: there the fused image is the global one
+    outside = ~both[0].mask
+    np.testing.assert_array_equal(both[0].fused[outside], np.clip(both[0].global_img, 0, 1)[outside])
+    with pytest.raises(ValueError, match="needs a lung mask"):
+        suppressor(images, [None, None], ["a.png", "b.png"])
+    suppressor.cfg.global_local.enabled = False
+    (g,) = suppressor(images[:1], [None], ["a.png"])
+    assert g.local_img is None and g.soft.shape == (70, 50)
+    assert set(suppressor.times) == {"encode", "sample", "decode", "fusion"}
+
+
+def test_generators_depend_on_seed_and_name_only():
+    a, b = image_generators(3, "x.png"), image_generators(3, "x.png")
+    assert torch.equal(torch.randn(4, generator=a[0]), torch.randn(4, generator=b[0]))
+    assert not torch.equal(torch.randn(4, generator=image_generators(3, "y.png")[0]),
+                           torch.randn(4, generator=image_generators(3, "x.png")[0]))
+    g, l = image_generators(3, "x.png")
+    assert not torch.equal(torch.randn(4, generator=g), torch.randn(4, generator=l))
