@@ -9,8 +9,13 @@ The scan reads every image of ``data.root``/CXR and /BS (and Mask/ when present)
 unreadable files, non-image files and size mismatches are listed in ``<prefix>_report.txt`` beside
 the lists and on stdout; only valid pairs enter the split, so nothing is dropped silently, and
 ``--strict`` turns any problem into an error before anything is written. Existing lists are kept
-unless ``--force`` is given. With a Mask/ folder the lung-masked copies Masked_CXR/ and Masked_BS/
-are (re)written (GL-LCM's local path, §1.4) unless ``--no-masked``.
+unless ``--force`` is given. ``--masks auto`` writes Mask/<name> (0/255 PNG) with the built-in
+lung segmenter (``data/lungseg.py``, no downloaded weights) for every valid pair that has no mask
+yet; an image where it finds no two plausible lungs is reported and left out. With a Mask/ folder
+the lung-masked copies Masked_CXR/ and Masked_BS/ are (re)written (GL-LCM's local path, §1.4)
+unless ``--no-masked``.
+
+    python dataSegmentation.py --config configs/szch.yaml --masks auto       # masks for GL-LCM
 """
 from __future__ import annotations
 
@@ -97,8 +102,28 @@ def write_masked_copies(root: Path, names: list[str], progress: bool = True) -> 
                       inputs=(img.path,))
 
 
+def write_auto_masks(report: ScanReport, progress: bool = True) -> None:
+    """Segment the lungs of every valid pair without a mask; failures become problems of the report."""
+    from data.lungseg import LungSegmentationError, segment_lungs
+
+    root, kept = report.root, []
+    for name in tqdm(report.pairs, desc="lung masks", disable=not progress, leave=False):
+        if (root / MASK / name).is_file():
+            kept.append(name)
+            continue
+        try:
+            mask = segment_lungs(read_image(root / CXR / name).pixels)
+        except LungSegmentationError as e:
+            report.problems.append((str(root / CXR / name), f"automatic lung mask failed: {e}"))
+            continue
+        write_png(root / MASK / name, mask)
+        kept.append(name)
+    report.pairs = kept
+    report.has_masks = True
+
+
 def main(cfg, synthetic: int | None = None, force: bool = False, strict: bool = False,
-         masked: bool = True, progress: bool = True) -> ScanReport:
+         masked: bool = True, progress: bool = True, masks: str = "folder") -> ScanReport:
     """Optionally generate phantoms, scan ``cfg.data.root``, write the report, masked copies and split.
 
     Args:
@@ -124,6 +149,8 @@ def main(cfg, synthetic: int | None = None, force: bool = False, strict: bool = 
         write_synthetic_dataset(root, n=n, size=cfg.synthetic.size, seed=cfg.synthetic.seed,
                                 bit_depth=cfg.synthetic.bit_depth, progress=progress)
     report = scan_pairs(root, cfg.data.max_pixels, progress)
+    if masks == "auto":
+        write_auto_masks(report, progress)
     report_path = Path(list_dir) / f"{prefix}_report.txt"
     atomic_write_text(report_path, report.text())
     for f, why in report.problems:
@@ -147,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="first write N synthetic phantom pairs (default: synthetic.n from the config)")
     parser.add_argument("--force", action="store_true", help="overwrite existing lists (and phantoms)")
     parser.add_argument("--strict", action="store_true", help="fail on any problem instead of excluding it")
+    parser.add_argument("--masks", choices=["folder", "auto"], default="folder",
+                        help="auto: write missing lung masks with the built-in segmenter")
     parser.add_argument("--no-masked", dest="masked", action="store_false",
                         help="do not write Masked_CXR/ and Masked_BS/ even when Mask/ exists")
     return parser
@@ -156,7 +185,7 @@ if __name__ == "__main__":
     args = build_parser().parse_args()
     try:
         main(config_from_args(args), synthetic=args.synthetic, force=args.force, strict=args.strict,
-             masked=args.masked)
+             masked=args.masked, masks=args.masks)
     except (ConfigError, ImageError, FileExistsError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

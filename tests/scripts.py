@@ -1,24 +1,15 @@
 """Helpers for the script tests: import hyphenated scripts, build a tiny dataset and config."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from tests.conftest import ROOT, write_gray
 from utils.config import load_config
+from utils.scripts import load_script
 
-
-def load_script(name: str):
-    """Import a top-level script such as ``vq-gan_train.py`` as a module (no work at import)."""
-    path = ROOT / name
-    spec = importlib.util.spec_from_file_location(name.replace("-", "_").removesuffix(".py"), path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+__all__ = ["load_script", "tiny_dataset", "smoke_config"]
 
 
 def tiny_dataset(root: Path, n: int = 12, size: int = 40, seed: int = 0) -> Path:

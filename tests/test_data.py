@@ -195,3 +195,21 @@ def test_cli_error_is_one_line(tmp_path):
                           "--set", "data.nme=1"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 2
     assert out.stderr.strip() == "error: --set data.nme=1: unknown key 'data.nme' (did you mean 'data.name'?)"
+
+
+def test_auto_masks_on_real_samples(szch_samples, tmp_path):
+    import shutil
+
+    root = tmp_path / "real"
+    for sub in ("CXR", "BS"):
+        shutil.copytree(szch_samples / sub, root / sub)
+    (root / "CXR" / "2.png").write_bytes((root / "CXR" / "0.png").read_bytes())
+    write_gray(root / "BS" / "2.png", np.zeros((1024, 1024), np.uint8))
+    write_gray(root / "CXR" / "3.png", np.full((1024, 1024), 128, np.uint8))     # blank: no lungs to find
+    write_gray(root / "BS" / "3.png", np.full((1024, 1024), 128, np.uint8))
+    report = dataSegmentation.main(demo_cfg(root), masks="auto", progress=False)
+    assert sorted(report.pairs) == ["0.png", "1.png", "2.png"]
+    assert "automatic lung mask failed" in dict(report.problems)[str(root / "CXR" / "3.png")]
+    mask = read_image(root / "Mask" / "0.png").pixels
+    assert set(np.unique(mask)) == {0.0, 1.0} and 0.15 < mask.mean() < 0.4
+    assert (root / "Masked_CXR" / "1.png").is_file() and not (root / "Mask" / "3.png").exists()
