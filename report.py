@@ -1,0 +1,209 @@
+"""A static HTML report of a bone-suppression run that opens from disk with no server.
+
+Usage:
+    python report.py --root datasets/demo --pred runs/demo/ldm/001-distill/eval/test \
+        --list datasets/demo/demo_testset.txt --out runs/demo/report.html \
+        [--metrics runs/demo/metrics] [--benchmark runs/demo/benchmark.json] [--curves RUN ...]
+
+For every listed test image: CXR | prediction | target | removed bone (CXR − prediction), and a
+before/after slider (CXR under the prediction). Then the metrics table of the model beside the
+identity baseline (prediction = CXR), histograms of prediction and target intensities, the
+sampling benchmark table and the training curves. Images are embedded as base64 PNG, so the one
+HTML file is the whole report. The page checks itself when opened with ``#selftest``: it moves
+every slider and writes the outcome (and any JavaScript error) into ``<body data-selftest=...>``,
+which the tests read from a headless browser.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from data.io import read_image
+from data.splits import read_list
+from utils.atomic import atomic_write_text
+
+METRIC_ROWS = [("bsr_sym", "BSR, symmetric (%) ↑", 100.0), ("bsr", "BSR, published (%) ↑", 100.0),
+               ("mse", "MSE (10⁻³) ↓", 1000.0), ("psnr", "PSNR (dB) ↑", 1.0), ("ssim", "SSIM ↑", 1.0),
+               ("lpips", "LPIPS ↓", 1.0)]
+
+CSS = """
+body{font-family:system-ui,sans-serif;margin:24px;max-width:1200px;color:#222}
+h1{font-size:1.5em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ccc}
+table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
+th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}
+.case{display:flex;gap:8px;align-items:flex-start;margin:12px 0;flex-wrap:wrap}
+figure{margin:0;text-align:center;font-size:.85em}figure img{width:200px;height:auto;image-rendering:auto}
+.slider{position:relative;width:300px;user-select:none}.slider img{width:300px;display:block}
+.slider .top{position:absolute;top:0;left:0;width:100%;height:100%;clip-path:inset(0 50% 0 0)}
+.slider input{width:300px}
+.note{color:#555;font-size:.9em}
+"""
+
+JS = """
+function setSlider(input){
+  var top=input.parentNode.querySelector('.top');
+  top.style.clipPath='inset(0 '+(100-Number(input.value))+'% 0 0)';
+}
+document.querySelectorAll('.slider input').forEach(function(i){
+  i.addEventListener('input',function(){setSlider(i);});setSlider(i);
+});
+if(location.hash==='#selftest'){
+  var ok=true,n=0;
+  document.querySelectorAll('.slider input').forEach(function(i){
+    var top=i.parentNode.querySelector('.top');
+    var before=top.style.clipPath;i.value=20;i.dispatchEvent(new Event('input'));
+    if(top.style.clipPath===before||top.style.clipPath.indexOf('80%')<0){ok=false;}n++;
+  });
+  document.body.setAttribute('data-selftest',(ok&&n>0?'ok':'fail')+' sliders='+n+' errors='+window.__errors.length);
+}
+"""
+
+
+def png_data_uri(pixels: np.ndarray) -> str:
+    """float [0, 1] (H, W) -> data:image/png;base64,..."""
+    arr = (np.clip(pixels, 0, 1) * 255).round().astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def file_data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def thumbnail(pixels: np.ndarray, side: int = 300) -> np.ndarray:
+    """Downscale for the page (the report is for looking, not for scoring)."""
+    im = Image.fromarray(np.clip(pixels * 255, 0, 255).astype(np.uint8))
+    im.thumbnail((side, side), Image.Resampling.LANCZOS)
+    return np.asarray(im, dtype=np.float32) / 255
+
+
+def histogram_png(pred: list[np.ndarray], target: list[np.ndarray]) -> str:
+    """Intensity histograms of predictions and targets (all test images pooled)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3), dpi=100)
+    bins = np.linspace(0, 1, 65)
+    ax.hist(np.concatenate([t.ravel() for t in target]), bins, alpha=0.5, density=True, label="target (soft tissue)")
+    ax.hist(np.concatenate([p.ravel() for p in pred]), bins, alpha=0.5, density=True, label="prediction")
+    ax.set_xlabel("intensity")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def metrics_table(summaries: dict[str, dict]) -> str:
+    """Rows = metrics, columns = runs (e.g. model / identity), cells mean ± std from metrics.py JSON."""
+    cols = list(summaries)
+    out = ["<table><tr><th>metric</th>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>"]
+    for key, label, scale in METRIC_ROWS:
+        cells = []
+        for c in cols:
+            m = summaries[c].get("metrics", {}).get(key)
+            if not m or m.get("mean") is None:
+                cells.append("<td>–</td>")
+            else:
+                cells.append(f"<td>{m['mean'] * scale:.3f} ± {m['std'] * scale:.3f}</td>")
+        if any(cell != "<td>–</td>" for cell in cells):
+            out.append(f"<tr><td>{html.escape(label)}</td>{''.join(cells)}</tr>")
+    n = {c: summaries[c].get("n_scored", "?") for c in cols}
+    out.append("<tr><td>images scored</td>" + "".join(f"<td>{n[c]}</td>" for c in cols) + "</tr></table>")
+    return "\n".join(out)
+
+
+def benchmark_table(rows: list[dict]) -> str:
+    out = ["<table><tr><th>scenario</th><th>sampler</th><th>steps</th><th>UNet calls</th><th>encode s</th>"
+           "<th>sample s</th><th>decode s</th><th>fusion s</th><th>total s</th><th>peak memory</th></tr>"]
+    for r in rows:
+        s = r["seconds"]
+        steps = f"{r['steps']}" + (f" (timed {r['steps_timed']}, extrapolated)" if r.get("extrapolated") else "")
+        out.append(f"<tr><td>{r['scenario']}</td><td>{r['sampler']}</td><td>{steps}</td><td>{r['unet_calls']}</td>"
+                   f"<td>{s['encode']:.3f}</td><td>{s['sample']:.3f}</td><td>{s['decode']:.3f}</td>"
+                   f"<td>{s['fusion']:.3f}</td><td>{s['total']:.3f}</td>"
+                   f"<td>{r['peak_memory_bytes'] / 2**20:.0f} MiB</td></tr>")
+    out.append("</table>")
+    if rows:
+        out.append(f"<p class='note'>{html.escape(rows[0]['device'])}, {rows[0]['image']}² input, one image.</p>")
+    return "\n".join(out)
+
+
+def build_report(root: Path, pred_dir: Path, names: list[str], metrics: dict[str, dict] | None = None,
+                 benchmark: list[dict] | None = None, curves: dict[str, Path] | None = None,
+                 title: str = "Bone suppression report", notes: list[str] | None = None) -> str:
+    """The HTML text. ``metrics``: {"column name": metrics.py summary JSON}; ``curves``: {label: PNG}."""
+    cases, preds, targets = [], [], []
+    for name in names:
+        cxr = read_image(root / "CXR" / name).pixels
+        gt = read_image(root / "BS" / name).pixels
+        pred = read_image(pred_dir / name).pixels
+        preds.append(pred)
+        targets.append(gt)
+        bone = np.clip((cxr - pred) * 2 + 0.5, 0, 1)           # removed bone, mid-grey = nothing removed
+        tiles = [("CXR", cxr), ("prediction", pred), ("target (soft tissue)", gt), ("removed bone ×2", bone)]
+        figs = "".join(f"<figure><img alt='{html.escape(t)}' src='{png_data_uri(thumbnail(p, 200))}'>"
+                       f"<figcaption>{html.escape(t)}</figcaption></figure>" for t, p in tiles)
+        slider = (f"<figure><div class='slider'><img alt='CXR' src='{png_data_uri(thumbnail(cxr))}'>"
+                  f"<img class='top' alt='prediction' src='{png_data_uri(thumbnail(pred))}'>"
+                  f"<input type='range' min='0' max='100' value='50' aria-label='before/after {html.escape(name)}'>"
+                  f"</div><figcaption>slide: prediction (left) / CXR (right)</figcaption></figure>")
+        cases.append(f"<h3>{html.escape(name)}</h3><div class='case'>{figs}{slider}</div>")
+    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             "<script>window.__errors=[];window.addEventListener('error',function(e){window.__errors.push(String("
+             "e.message));});</script>",
+             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
+    for note in notes or []:
+        parts.append(f"<p class='note'>{html.escape(note)}</p>")
+    if metrics:
+        parts.append("<h2>Metrics on the test split</h2>" + metrics_table(metrics))
+        parts.append("<p class='note'>Corrected metrics at native resolution (symmetric BSR: 1 = perfect, "
+                     "0 = output equals input); the identity baseline is the CXR itself.</p>")
+    parts.append(f"<h2>Intensity histograms</h2><img alt='histograms' src='{histogram_png(preds, targets)}'>")
+    if benchmark:
+        parts.append("<h2>Sampling benchmark</h2>" + benchmark_table(benchmark))
+    if curves:
+        parts.append("<h2>Training curves</h2>" + "".join(
+            f"<figure><img style='width:560px' alt='{html.escape(k)}' src='{file_data_uri(v)}'>"
+            f"<figcaption>{html.escape(k)}</figcaption></figure>" for k, v in curves.items() if Path(v).is_file()))
+    parts.append("<h2>Test images</h2>" + "".join(cases))
+    parts.append(f"<script>{JS}</script></body></html>")
+    return "\n".join(parts)
+
+
+def main(root: str | Path, pred: str | Path, list_file: str | Path, out: str | Path,
+         metrics: dict[str, str | Path] | None = None, benchmark: str | Path | None = None,
+         curves: dict[str, str | Path] | None = None, title: str = "Bone suppression report",
+         notes: list[str] | None = None) -> Path:
+    """Write the report; returns its path."""
+    summaries = {k: json.loads(Path(v).read_text()) for k, v in (metrics or {}).items()}
+    bench = json.loads(Path(benchmark).read_text()) if benchmark else None
+    text = build_report(Path(root), Path(pred), read_list(list_file), summaries, bench,
+                        {k: Path(v) for k, v in (curves or {}).items()}, title, notes)
+    atomic_write_text(out, text)
+    return Path(out)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="Write a static HTML report of a bone-suppression run.")
+    p.add_argument("--root", required=True, help="dataset folder with CXR/ and BS/")
+    p.add_argument("--pred", required=True, help="folder of predictions (same file names)")
+    p.add_argument("--list", required=True, help="split list of the images to show")
+    p.add_argument("--out", required=True, help="the HTML file to write")
+    p.add_argument("--metrics", nargs="*", default=[], metavar="LABEL=JSON", help="metrics.py summaries to tabulate")
+    p.add_argument("--benchmark", help="benchmark.py --out JSON")
+    p.add_argument("--curves", nargs="*", default=[], metavar="LABEL=PNG", help="training curves to embed")
+    a = p.parse_args()
+    print(main(a.root, a.pred, a.list, a.out, dict(m.split("=", 1) for m in a.metrics), a.benchmark,
+               dict(c.split("=", 1) for c in a.curves)))
