@@ -1,5 +1,5 @@
 # Two commands on a fresh machine (Python >= 3.10 and pip):
-#   make demo   synthetic data -> split -> masks (later stages extend it)
+#   make demo   the whole pipeline on synthetic phantoms -> runs/demo/report.html (about 15 min on 2 cores)
 #   make test   the test suite (CPU)
 # Both create or refresh the local virtual environment .venv from requirements*.txt.
 PYTHON ?= python3
@@ -7,7 +7,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test test-fast demo clean
+.PHONY: venv test test-fast demo data clean
 
 venv: $(STAMP)
 
@@ -24,6 +24,9 @@ test-fast: venv
 	$(PY) -m pytest -q -m "not slow" tests
 
 demo: venv
+	$(PY) demo.py --out runs/demo
+
+data: venv
 	$(PY) dataSegmentation.py --config configs/demo.yaml --synthetic --force
 
 clean:

@@ -161,8 +161,12 @@ def build_report(root: Path, pred_dir: Path, names: list[str], metrics: dict[str
                   f"</div><figcaption>slide: prediction (left) / CXR (right)</figcaption></figure>")
         cases.append(f"<h3>{html.escape(name)}</h3><div class='case'>{figs}{slider}</div>")
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             "<script>window.__errors=[];window.addEventListener('error',function(e){window.__errors.push(String("
-             "e.message));});</script>",
+             # Page errors, failed resources (capture phase) and console.error calls all land in
+             # window.__errors, which the #selftest run writes into the DOM for the headless test.
+             "<script>window.__errors=[];window.addEventListener('error',function(e){window.__errors.push("
+             "String(e.message||e.target&&e.target.src||'error'));},true);var __ce=console.error;"
+             "console.error=function(){window.__errors.push([].join.call(arguments,' '));"
+             "__ce.apply(console,arguments);};</script>",
              f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
     for note in notes or []:
         parts.append(f"<p class='note'>{html.escape(note)}</p>")

@@ -1,0 +1,66 @@
+"""report.py: the HTML report's content, and (with Debian's chromium installed) that it loads in a
+headless browser with no JavaScript or console errors and that its sliders move."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+import metrics as metrics_script
+import report
+from data.io import read_image, write_png
+from tests.scripts import tiny_dataset
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    base = tmp_path_factory.mktemp("report")
+    root = tiny_dataset(base / "ds")
+    pred = base / "pred"
+    names = (root / "demo_testset.txt").read_text().split()
+    for n in names:   # a stand-in prediction: halfway between the CXR and the target
+        write_png(pred / n, 0.5 * (read_image(root / "CXR" / n).pixels + read_image(root / "BS" / n).pixels))
+    common = ["--cxr", str(root / "CXR"), "--gt", str(root / "BS"), "--list", str(root / "demo_testset.txt"),
+              "--mode", "corrected", "--native"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        metrics_script.main([*common, "--pred", str(pred), "--out", str(base / "m")])
+        metrics_script.main([*common, "--pred", str(root / "CXR"), "--out", str(base / "i")])
+    bench = [{"scenario": "ours", "sampler": "lcm", "steps": 4, "steps_timed": 4, "extrapolated": False,
+              "unet_calls": 4, "seconds": {"encode": 0.1, "sample": 0.2, "decode": 0.1, "fusion": 0.05,
+                                           "total": 0.45}, "peak_memory_bytes": 2**30, "device": "cpu", "image": 32}]
+    (base / "bench.json").write_text(json.dumps(bench))
+    out = report.main(root, pred, root / "demo_testset.txt", base / "report.html",
+                      metrics={"model": base / "m" / "metrics_corrected_native.json",
+                               "identity": base / "i" / "metrics_corrected_native.json"},
+                      benchmark=base / "bench.json", title="test report")
+    return out, names
+
+
+def test_report_content(built):
+    out, names = built
+    text = out.read_text()
+    assert text.count("type='range'") == len(names) and text.count("<h3>") == len(names)
+    assert "BSR, symmetric (%) ↑" in text and "<th>identity</th>" in text
+    assert re.search(r"<td>BSR, symmetric \(%\) ↑</td><td>[\d.]+ ± [\d.]+</td><td>0\.000 ± 0\.000</td>", text)
+    assert "Intensity histograms" in text and "Sampling benchmark" in text
+    assert "src='http" not in text and "src=\"http" not in text      # self-contained: nothing to fetch
+
+
+def test_report_in_headless_chromium(built, tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    out, names = built
+    res = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                          "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                          f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", f"file://{out}#selftest"],
+                         capture_output=True, text=True, timeout=120)
+    match = re.search(r'data-selftest="([^"]*)"', res.stdout)
+    assert match, res.stderr[-2000:]
+    assert match.group(1) == f"ok sliders={len(names)} errors=0"
