@@ -193,6 +193,7 @@ def _train(cfg, info: DistInfo, resume, progress: bool) -> Path:
              f"noise {cfg.diffusion.offset_noise}, condition {cfg.diffusion.cond_mode}")
 
     amp = autocast_context(device, tc.amp)
+    skipped = 0
     for epoch in range(start_epoch, tc.epochs):
         sampler.set_epoch(epoch)
         unet.train()
@@ -201,7 +202,11 @@ def _train(cfg, info: DistInfo, resume, progress: bool) -> Path:
         for z_bs, z_cxr in bar:
             with amp:
                 loss, logs = loss_fn(unet_ddp, z_bs.to(device), z_cxr.to(device), None, ema.shadow)
-            check_finite(loss, tc.mode, step, epoch, ckpts, info)
+            if not check_finite(loss, tc.mode, step, epoch, ckpts, info, tc.on_nonfinite):
+                skipped += 1
+                log.info(f"skipped a batch with a non-finite loss at step {step} ({skipped} so far)")
+                continue
+            logs["skipped"] = float(skipped)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if teacher is not None:
@@ -224,7 +229,7 @@ def _train(cfg, info: DistInfo, resume, progress: bool) -> Path:
             val = validate(loss_fn, ema.shadow, val_set, cfg, device)
             is_best = val < best
             best = min(best, val)
-            metrics_log.log({"step": step, "epoch": epoch, "split": "val", "val_loss": val})
+            metrics_log.log({"step": step, "epoch": epoch, "split": "val", "val_loss": val, "skipped": skipped})
             log.info(f"epoch {epoch + 1} step {step} | val_loss (EMA) {val:.4g}" + (" best" if is_best else ""))
             sample_grid(run_dir / "samples" / f"val_{epoch + 1:04d}.png", ema.shadow, vqgan, schedule, val_set,
                         cfg, device)

@@ -177,6 +177,7 @@ def _train(cfg, info: DistInfo, resume, progress: bool) -> Path:
              f"{steps_per_epoch} iterations per epoch")
 
     amp = autocast_context(device, tc.amp)
+    skipped = 0
     loss_fn.train()
     for epoch in range(start_epoch, tc.epochs):
         sampler.set_epoch(epoch)
@@ -188,7 +189,10 @@ def _train(cfg, info: DistInfo, resume, progress: bool) -> Path:
             with amp:
                 x_rec, commit, vq_info = model_ddp(x)
                 loss_g, logs = loss_fn.generator_loss(x, x_rec, commit, step)
-            check_finite(loss_g, "generator", step, epoch, ckpts, info)
+            if not check_finite(loss_g, "generator", step, epoch, ckpts, info, tc.on_nonfinite):
+                skipped += 1
+                log.info(f"skipped a batch with a non-finite generator loss at step {step} ({skipped} so far)")
+                continue
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             opt_g.step()
@@ -197,14 +201,16 @@ def _train(cfg, info: DistInfo, resume, progress: bool) -> Path:
                 with amp:
                     loss_d, logs_d = loss_fn.discriminator_loss(x, x_rec, step)
                 if loss_d.requires_grad:
-                    check_finite(loss_d, "discriminator", step, epoch, ckpts, info)
-                    opt_d.zero_grad(set_to_none=True)
-                    loss_d.backward()
-                    opt_d.step()
+                    if check_finite(loss_d, "discriminator", step, epoch, ckpts, info, tc.on_nonfinite):
+                        opt_d.zero_grad(set_to_none=True)
+                        loss_d.backward()
+                        opt_d.step()
+                    else:
+                        skipped += 1
                 sched_d.step()
                 logs.update(logs_d)
             step += 1
-            logs["perplexity"] = float(vq_info["perplexity"])
+            logs.update(perplexity=float(vq_info["perplexity"]), skipped=float(skipped))
             if step % tc.log_every == 0 or step == 1:
                 logs = all_reduce_mean(logs, info)
                 if info.is_main:
@@ -221,7 +227,7 @@ def _train(cfg, info: DistInfo, resume, progress: bool) -> Path:
             if scores:
                 is_best = scores["val_rec"] < best
                 best = min(best, scores["val_rec"])
-                metrics_log.log({"step": step, "epoch": epoch, "split": "val", **scores})
+                metrics_log.log({"step": step, "epoch": epoch, "split": "val", **scores, "skipped": skipped})
                 log.info(f"epoch {epoch + 1} step {step} | " + " ".join(f"{k} {v:.4g}" for k, v in scores.items()))
                 x, x_rec = first
                 err = ((x_rec - x).abs() * 4).clamp(0, 2) - 1      # |error| x4 mapped onto [-1, 1]

@@ -89,8 +89,12 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
     if nbytes == 0:
         raise ImageError(p, "empty file (0 bytes)")
     if p.suffix.lower() in DICOM_EXTENSIONS or _looks_like_dicom(p):
-        return _read_dicom(p, max_pixels)
-    return _read_pil(p, max_pixels, allow_color)
+        image = _read_dicom(p, max_pixels)
+    else:
+        image = _read_pil(p, max_pixels, allow_color)
+    if not np.isfinite(image.pixels).all():   # cannot come from integer files; guards future readers
+        raise ImageError(p, "contains NaN or Inf values")
+    return image
 
 
 def _looks_like_dicom(p: Path) -> bool:

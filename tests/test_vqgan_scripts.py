@@ -93,6 +93,11 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(dataset, tmp_path, monkeypatc
         train.main(smoke_config(dataset, tmp_path), progress=False)
     run = next((tmp_path / "vqgan").iterdir())
     assert load_checkpoint(run / "checkpoints" / "step_0000005.pt")["step"] == 5
+    # on_nonfinite=skip: the poisoned batches (steps 7..) are skipped and counted, the run finishes
+    run = train.main(smoke_config(dataset, tmp_path / "skip", "vq_train.on_nonfinite=skip"), progress=False)
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert float(rows[-1]["skipped"]) == 3        # steps 7, 8, 9 of epoch 2 poisoned (5 batches per epoch)
+    assert model_state(run)["step"] == 7
 
 
 def test_eval_reconstructs_native_size(dataset, tmp_path, capsys):

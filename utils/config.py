@@ -115,6 +115,7 @@ class VQTrainConfig:
     keep_last: int = 3                # checkpoints kept besides best.pt
     log_every: int = 50               # iterations
     amp: bool = True                  # bf16 autocast on CUDA (ignored on CPU)
+    on_nonfinite: Literal["stop", "skip"] = "stop"   # a NaN/Inf loss stops the run, or skips the batch
 
 
 @dataclass
@@ -164,6 +165,7 @@ class LDMTrainConfig:
     log_every: int = 50
     cache_latents: bool = True        # the VQGAN is frozen, so its latents can be computed once
     amp: bool = True
+    on_nonfinite: Literal["stop", "skip"] = "stop"
 
 
 @dataclass

@@ -48,12 +48,17 @@ def iteration_milestones(milestones_epochs: list[int], steps_per_epoch: int) -> 
 
 
 def check_finite(loss: torch.Tensor, what: str, step: int, epoch: int, ckpts: CheckpointManager,
-                 info: DistInfo) -> None:
-    """Stop the run (on every rank) at a NaN/Inf loss, naming the last good checkpoint."""
+                 info: DistInfo, policy: str = "stop") -> bool:
+    """True if the loss is finite on every rank. Otherwise ``policy="skip"`` returns False (the caller
+    skips the batch and counts it) and ``"stop"`` raises FloatingPointError naming the last good
+    checkpoint. All ranks take the same decision."""
     bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=loss.device)
     if info.distributed:
         dist.all_reduce(bad)
-    if bad.item() > 0:
-        latest = ckpts.latest()
-        raise FloatingPointError(f"non-finite {what} loss at step {step} (epoch {epoch + 1}); stopping. "
-                                 f"Last good checkpoint: {latest or 'none yet'}")
+    if bad.item() == 0:
+        return True
+    if policy == "skip":
+        return False
+    latest = ckpts.latest()
+    raise FloatingPointError(f"non-finite {what} loss at step {step} (epoch {epoch + 1}); stopping. "
+                             f"Last good checkpoint: {latest or 'none yet'}")
