@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
-from utils.atomic import atomic_write
+from utils.atomic import OverwriteInputError, atomic_write
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom")
 DICOM_EXTENSIONS = (".dcm", ".dicom")
@@ -300,7 +300,7 @@ def _write_checked(path: str | os.PathLike, write: Callable[[str], Any], *inputs
     """Atomic write whose failures are :class:`ImageError` naming the output file."""
     try:
         atomic_write(path, write, *inputs)
-    except FileExistsError:
+    except OverwriteInputError:
         raise ImageError(path, "refusing to overwrite an input file with an output") from None
-    except PermissionError as e:
-        raise ImageError(path, f"cannot write ({e.strerror})") from None
+    except OSError as e:   # read-only or full disk, a file where a folder should be, ...
+        raise ImageError(path, f"cannot write ({e.strerror or e})") from None

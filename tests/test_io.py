@@ -181,7 +181,7 @@ def test_failed_write_keeps_old_file(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(Image.Image, "save", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(ImageError, match=r"o.png: cannot write \(disk full\)"):
         write_png(tmp_path / "o.png", np.zeros((4, 4), np.uint8))
     assert (tmp_path / "o.png").read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["o.png"]
@@ -220,3 +220,10 @@ def test_resize_and_restore():
     np.testing.assert_allclose(up.numpy()[0, 0], [0.0, 0.25, 0.75, 1.0], atol=1e-6)
     m = resize(torch.tensor([[[0.0, 1.0], [1.0, 0.0]]]), 4, mode="nearest")
     assert set(m.unique().tolist()) == {0.0, 1.0}
+
+
+def test_unwritable_output_is_one_clear_error(tmp_path):
+    (tmp_path / "afile").write_text("not a folder")
+    with pytest.raises(ImageError, match=r"afile/x.png: cannot write"):
+        write_png(tmp_path / "afile" / "x.png", np.zeros((4, 4), np.uint8))
+    assert (tmp_path / "afile").read_text() == "not a folder"

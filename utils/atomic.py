@@ -11,6 +11,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 
+class OverwriteInputError(FileExistsError):
+    """The output path is one of the inputs it was computed from."""
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any], *inputs: str | os.PathLike) -> None:
     """Call ``write(tmp_path)`` and rename the result onto ``path``.
 
@@ -19,12 +23,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any], *inputs: 
         write: writes the complete file to the temporary path it is given.
         inputs: files the output must never replace (the inputs it was computed from).
     Raises:
-        FileExistsError: ``path`` is one of ``inputs``.
+        OverwriteInputError: ``path`` is one of ``inputs`` (nothing is written).
     """
     dst = Path(path)
     for src in inputs:
         if src and dst.exists() and Path(src).exists() and os.path.samefile(src, dst):
-            raise FileExistsError(f"{dst}: refusing to overwrite an input file with an output")
+            raise OverwriteInputError(f"{dst}: refusing to overwrite an input file with an output")
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
     os.close(fd)
