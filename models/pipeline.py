@@ -16,7 +16,10 @@ Pixel space is [0, 1] display (bones bright). Per image:
 4. One batched decoding; global-local fusion at model size (``models.fusion.fuse``).
 5. Native size: ``output.mode: native_residual`` (default) upsamples the predicted bone layer
    (model-size CXR − model-size soft tissue) and subtracts it from the full-resolution input, so
-   the input's native detail survives; ``resize`` upsamples the soft-tissue image itself.
+   the input's native detail survives; ``resize`` upsamples the soft-tissue image itself. With
+   ``output.residual_reference: decoded`` (default) the model-size CXR is the CXR's own latent
+   decoded by the same VQGAN, so the autoencoder's reconstruction error is common to both terms and
+   cancels in the bone layer; ``input`` uses the resized input.
 """
 from __future__ import annotations
 
@@ -94,11 +97,16 @@ class BoneSuppressor:
             latents = suppress_latents(self.unet, self.schedule, conds, cfg.sampler, self.cond_mode,
                                        [g for g, _ in gens], progress=progress)
         t2 = time.perf_counter()
+        decoded_ref = self.cfg.output.mode == "native_residual" and self.cfg.output.residual_reference == "decoded"
+        if decoded_ref:
+            latents = torch.cat([latents, conds[:b]])
         decoded = from_model(self.vqgan.decode(latents).float(), invert)[:, 0]       # (n, S, S) [0, 1]
         t3 = time.perf_counter()
         results = []
+        n_paths = 2 if self.global_local else 1
         for i, pixels in enumerate(images):
             cxr_model = from_model(cond_images[i], invert)[0]
+            reference = decoded[n_paths * b + i] if decoded_ref else cxr_model
             g_img = decoded[i]
             if self.global_local:
                 mask_model = resize(torch.from_numpy(masks[i].astype(np.float32))[None], size, mode="nearest")[0]
@@ -109,7 +117,7 @@ class BoneSuppressor:
                              poisson_domain=cfg.global_local.poisson_domain)
             else:
                 mask_model, l_img, fused = None, None, np.clip(g_img, 0, 1)
-            results.append(Suppressed(soft=self.to_native(pixels, cxr_model, fused), global_img=g_img,
+            results.append(Suppressed(soft=self.to_native(pixels, reference, fused), global_img=g_img,
                                       local_img=l_img, fused=fused, mask=mask_model))
         t4 = time.perf_counter()
         for k, v in zip(self.times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
@@ -117,9 +125,12 @@ class BoneSuppressor:
         return results
 
     def to_native(self, pixels: np.ndarray, cxr_model: np.ndarray, soft_model: np.ndarray) -> np.ndarray:
-        """Model-size soft tissue -> native size (``output.mode``), float32 [0, 1]."""
+        """Model-size soft tissue -> native size (``output.mode``), float32 [0, 1].
+
+        ``cxr_model`` is the model-size reference the bone layer is measured from (see module doc).
+        """
         native = tuple(pixels.shape)
-        if self.cfg.output.mode == "resize" or native == soft_model.shape:
+        if self.cfg.output.mode == "resize":
             return np.clip(upsample(soft_model, native), 0, 1).astype(np.float32)
         bone = upsample(cxr_model - soft_model, native)
         return np.clip(pixels - bone, 0, 1).astype(np.float32)

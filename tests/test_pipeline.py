@@ -70,3 +70,18 @@ def test_generators_depend_on_seed_and_name_only():
                            torch.randn(4, generator=image_generators(3, "x.png")[0]))
     g, l = image_generators(3, "x.png")
     assert not torch.equal(torch.randn(4, generator=g), torch.randn(4, generator=l))
+
+
+def test_decoded_reference_cancels_the_autoencoder_error(suppressor, monkeypatch):
+    """If sampling returned the CXR's own latent (nothing to suppress), the decoded reference gives
+    back the input exactly, whereas the resized input as reference leaves the VQGAN's error in."""
+    import models.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "dual_path_sample", lambda unet, sched, c_g, c_l, *a, **k: (c_g, c_g))
+    rng = np.random.default_rng(2)
+    pixels = rng.random((48, 40)).astype(np.float32)
+    (res,) = suppressor([pixels], [two_lungs(48, 40)], ["a.png"])
+    np.testing.assert_allclose(res.soft, pixels, atol=1e-6)
+    suppressor.cfg.output.residual_reference = "input"
+    (res,) = suppressor([pixels], [two_lungs(48, 40)], ["a.png"])
+    assert np.abs(res.soft - pixels).mean() > 0.05

@@ -212,6 +212,10 @@ class GlobalLocalConfig:
 class OutputConfig:
     """How a model-size prediction becomes a native-size output (ldm_eval.py)."""
     mode: Literal["native_residual", "resize"] = "native_residual"  # subtract the upsampled bone layer
+    # The bone layer is reference − prediction at model size. "decoded": the reference is the CXR's
+    # own latent through the same decoder, so the VQGAN's reconstruction error cancels (one more
+    # decoding, batched); "input": the resized input itself.
+    residual_reference: Literal["decoded", "input"] = "decoded"
 
 
 @dataclass
