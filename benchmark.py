@@ -159,12 +159,9 @@ def _published(spec, steps, vqgan, unet, schedule, cfg, x, x_masked, cxr, mask, 
 
     with torch.no_grad(), amp:
         t0 = time.perf_counter()
-        if spec["paths"] == 1:
-            conds = [vqgan.encode_stage_2_inputs(x)]
-        elif spec["batched"]:
-            conds = list(vqgan.encode_stage_2_inputs(torch.cat([x, x_masked])).split(1))
-        else:
-            conds = [vqgan.encode_stage_2_inputs(x), vqgan.encode_stage_2_inputs(x_masked)]
+        conds = [vqgan.encode_stage_2_inputs(x)]
+        if spec["paths"] == 2:
+            conds.append(vqgan.encode_stage_2_inputs(x_masked))
         synchronize(device)
         times["encode"] = time.perf_counter() - t0
 
@@ -176,7 +173,7 @@ def _published(spec, steps, vqgan, unet, schedule, cfg, x, x_masked, cxr, mask, 
             else:
                 latents = list(dual_path_sample(unet, schedule, conds[0], conds[1], cfg.sampler, cfg.global_local,
                                                 cfg.diffusion.cond_mode, gens(seed), gens(seed + 1),
-                                                batched=spec["batched"], callback=callback))
+                                                batched=False, callback=callback))
             complete = True
         except StopSampling:
             latents = [c.clone() for c in conds]   # placeholder latents of the right shape for the decoder
@@ -187,10 +184,7 @@ def _published(spec, steps, vqgan, unet, schedule, cfg, x, x_masked, cxr, mask, 
         times["sample"] = sample_time * steps / max(n_done, 1)
 
         t0 = time.perf_counter()
-        if spec["paths"] == 2 and spec["batched"]:
-            decoded = list(vqgan.decode(torch.cat(latents)).float().split(1))
-        else:
-            decoded = [vqgan.decode(z).float() for z in latents]
+        decoded = [vqgan.decode(z).float() for z in latents]
         synchronize(device)
         times["decode"] = time.perf_counter() - t0
 
