@@ -48,8 +48,9 @@ from models.pipeline import BoneSuppressor
 from models.schedule import build_schedule
 from utils.atomic import atomic_write_text
 from utils.checkpoint import CheckpointError, load_checkpoint, load_state
-from utils.config import ConfigError, config_from_dict, load_config
+from utils.config import ConfigError, config_from_dict
 from utils.dist import resolve_device
+from utils.scripts import checkpoint_config, eval_parser
 
 STAGE = "ldm"
 
@@ -167,15 +168,8 @@ def main(cfg, ckpt: str | Path, split: str | None = "test", input_dir: str | Non
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Bone suppression with a trained latent diffusion model.")
-    parser.add_argument("--ckpt", required=True, help="stage-2 checkpoint (step_*.pt or best.pt)")
-    parser.add_argument("--config", nargs="+", default=None, metavar="FILE",
-                        help="configs for data paths and sampler settings instead of the checkpoint's own")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--split", default="test", choices=["train", "val", "test"])
-    group.add_argument("--input", dest="input_dir", help="a folder of CXR images instead of a split")
-    parser.add_argument("--out", dest="out_dir", help="output folder (default: <run>/eval/<split>)")
+    parser = eval_parser("Bone suppression with a trained latent diffusion model.",
+                         "stage-2 checkpoint (step_*.pt or best.pt)", "a folder of CXR images (PNG, JPEG, TIFF, DICOM)")
     parser.add_argument("--sampler", choices=["ddpm", "ddim", "lcm"], help="override sampler.name")
     parser.add_argument("--steps", type=int, help="override sampler.steps")
     parser.add_argument("--weights", choices=["ema", "raw"], default="ema")
@@ -186,7 +180,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-paths", action="store_true",
                         help="also write the model-size global, local and fused images under <out>/paths/")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
     return parser
 
 
@@ -199,10 +192,7 @@ def config_for(args: argparse.Namespace):
         overrides.append(f"sampler.steps={args.steps}")
     if args.global_only:
         overrides.append("global_local.enabled=false")
-    if args.config:
-        return load_config(args.config, overrides)
-    ckpt = load_checkpoint(args.ckpt, kind=STAGE)
-    return config_from_dict(ckpt["config"], f"{args.ckpt} (config)", overrides)
+    return checkpoint_config(args.ckpt, STAGE, args.config, overrides)
 
 
 if __name__ == "__main__":

@@ -32,9 +32,7 @@ samples/val_<epoch>.png, checkpoints/ (step_*.pt, best.pt by EMA val loss, lates
 """
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 from pathlib import Path
 
 import torch
@@ -48,13 +46,13 @@ from models.distill import consistency_distillation_loss
 from models.inference import suppress_latents
 from models.schedule import build_schedule, training_loss
 from utils.checkpoint import CheckpointError, CheckpointManager, load_checkpoint, load_state
-from utils.config import (ConfigError, add_config_args, config_from_args, config_from_dict, config_to_dict,
-                          load_config, save_config)
+from utils.config import ConfigError, config_from_dict, config_to_dict, save_config
 from utils.dist import (DistInfo, all_reduce_mean, autocast_context, barrier, cleanup_distributed,
                         seed_everything, setup_distributed)
 from utils.ema import EMA
 from utils.logging import CSVLogger, get_logger, plot_curves, save_grid
-from utils.training import check_finite, iteration_milestones, prepare_run_dir, resume_checkpoint
+from utils.training import (check_finite, iteration_milestones, prepare_run_dir, resume_checkpoint,
+                            run_training_cli, training_parser)
 
 STAGE = "ldm"
 FROZEN_SECTIONS = ("unet", "diffusion", "data")
@@ -275,26 +273,5 @@ def load_teacher(cfg, device: torch.device):
     return teacher.to(device).eval().requires_grad_(False)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Train the conditional latent noise estimator (stage 2).")
-    add_config_args(parser, default=["configs/demo.yaml"])
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    return parser
-
-
-def config_for(args: argparse.Namespace):
-    if args.resume:
-        if args.config != build_parser().get_default("config"):
-            raise ConfigError("--resume uses the run's own config.yaml; give changes with --set")
-        return load_config([Path(args.resume) / "config.yaml"], args.overrides)
-    return config_from_args(args)
-
-
 if __name__ == "__main__":
-    args = build_parser().parse_args()
-    try:
-        main(config_for(args), resume=args.resume, progress=args.progress)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_training_cli(main, training_parser("Train the conditional latent noise estimator (stage 2) or distil it."))

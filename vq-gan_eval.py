@@ -38,9 +38,10 @@ from models import load_vqgan
 from models.msssim import MSSSIM
 from models.vqgan import codebook_counts, usage_from_counts
 from utils.atomic import atomic_write_text
-from utils.checkpoint import CheckpointError, load_checkpoint
-from utils.config import ConfigError, config_from_dict, load_config
+from utils.checkpoint import CheckpointError
+from utils.config import ConfigError
 from utils.dist import resolve_device
+from utils.scripts import checkpoint_config, eval_parser
 
 STAGE = "vqgan"
 
@@ -123,25 +124,13 @@ def main(cfg, ckpt: str | Path, split: str | None = "test", input_dir: str | Non
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Evaluate an ML-VQGAN checkpoint.")
-    parser.add_argument("--ckpt", required=True, help="stage-1 checkpoint (step_*.pt or best.pt)")
-    parser.add_argument("--config", nargs="+", default=None, metavar="FILE",
-                        help="use these configs for data paths instead of the checkpoint's own")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--split", default="test", choices=["train", "val", "test"])
-    group.add_argument("--input", dest="input_dir", help="a folder of images instead of a split")
-    parser.add_argument("--out", dest="out_dir", help="output folder (default: <run>/eval/<split>)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
-    return parser
+    return eval_parser("Evaluate an ML-VQGAN checkpoint.", "stage-1 checkpoint (step_*.pt or best.pt)",
+                       "a folder of images instead of a split")
 
 
 def config_for(args: argparse.Namespace):
     """The checkpoint's config (or --config files) with --set overrides."""
-    if args.config:
-        return load_config(args.config, args.overrides)
-    ckpt = load_checkpoint(args.ckpt, kind=STAGE)
-    return config_from_dict(ckpt["config"], f"{args.ckpt} (config)", args.overrides)
+    return checkpoint_config(args.ckpt, STAGE, args.config, args.overrides)
 
 
 if __name__ == "__main__":

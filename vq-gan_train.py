@@ -19,9 +19,7 @@ curves.png, samples/val_<epoch>.png (input | reconstruction | |error|×4) and ch
 """
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 from pathlib import Path
 
 import torch
@@ -34,12 +32,13 @@ from models import build_discriminator, build_hybrid_loss, build_vqgan, count_pa
 from models.msssim import MSSSIM
 from models.vqgan import codebook_counts, usage_from_counts
 from utils.checkpoint import CheckpointManager, load_state
-from utils.config import ConfigError, add_config_args, config_from_args, config_to_dict, load_config, save_config
+from utils.config import config_to_dict, save_config
 from utils.dist import (DistInfo, all_reduce_mean, autocast_context, barrier, cleanup_distributed,
                         seed_everything, setup_distributed)
 from utils.hub import VGG16_FILE, require_hub_file
 from utils.logging import CSVLogger, get_logger, plot_curves, save_grid
-from utils.training import check_finite, iteration_milestones, prepare_run_dir, resume_checkpoint
+from utils.training import (check_finite, iteration_milestones, prepare_run_dir, resume_checkpoint,
+                            run_training_cli, training_parser)
 
 STAGE = "vqgan"
 # Config sections a resumed run must share with its checkpoint (the rest may be changed).
@@ -247,27 +246,5 @@ def _train(cfg, info: DistInfo, resume, progress: bool) -> Path:
     return run_dir
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Train the ML-VQGAN (stage 1).")
-    add_config_args(parser, default=["configs/demo.yaml"])
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint "
-                        "(its config.yaml is used; --set may change non-architectural keys)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    return parser
-
-
-def config_for(args: argparse.Namespace):
-    if args.resume:
-        if args.config != build_parser().get_default("config"):
-            raise ConfigError("--resume uses the run's own config.yaml; give changes with --set")
-        return load_config([Path(args.resume) / "config.yaml"], args.overrides)
-    return config_from_args(args)
-
-
 if __name__ == "__main__":
-    args = build_parser().parse_args()
-    try:
-        main(config_for(args), resume=args.resume, progress=args.progress)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_training_cli(main, training_parser("Train the ML-VQGAN (stage 1)."))

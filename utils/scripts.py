@@ -18,3 +18,30 @@ def load_script(name: str):
     sys.modules[mod_name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def eval_parser(description: str, ckpt_help: str, input_help: str):
+    """The evaluation scripts' shared arguments: --ckpt, --config, --set, --split | --input, --out."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--ckpt", required=True, help=ckpt_help)
+    parser.add_argument("--config", nargs="+", default=None, metavar="FILE",
+                        help="use these configs (data paths, sampler ...) instead of the checkpoint's own")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--split", default="test", choices=["train", "val", "test"])
+    group.add_argument("--input", dest="input_dir", help=input_help)
+    parser.add_argument("--out", dest="out_dir", help="output folder (default: <run>/eval/<split>)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    return parser
+
+
+def checkpoint_config(ckpt: str | Path, kind: str, config_files: list | None = None, overrides: list[str] = ()):
+    """``config_files`` with ``overrides``, or else the config stored in the checkpoint with them."""
+    from utils.checkpoint import load_checkpoint
+    from utils.config import config_from_dict, load_config
+
+    if config_files:
+        return load_config(config_files, overrides)
+    return config_from_dict(load_checkpoint(ckpt, kind=kind)["config"], f"{ckpt} (config)", overrides)

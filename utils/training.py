@@ -1,13 +1,15 @@
 """Plumbing shared by the training scripts: run folder, resume, LR milestones, NaN guard."""
 from __future__ import annotations
 
+import argparse
+import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from utils.checkpoint import CheckpointManager, load_checkpoint, require_same_section
-from utils.config import config_to_dict
+from utils.config import ConfigError, add_config_args, config_from_args, config_to_dict, load_config
 from utils.dist import DistInfo
 from utils.logging import make_run_dir
 
@@ -62,3 +64,34 @@ def check_finite(loss: torch.Tensor, what: str, step: int, epoch: int, ckpts: Ch
     latest = ckpts.latest()
     raise FloatingPointError(f"non-finite {what} loss at step {step} (epoch {epoch + 1}); stopping. "
                              f"Last good checkpoint: {latest or 'none yet'}")
+
+
+# ----------------------------------------------------------------------------------- command lines
+
+def training_parser(description: str) -> argparse.ArgumentParser:
+    """The trainers' shared command line: --config, --set, --resume, --no-progress."""
+    parser = argparse.ArgumentParser(description=description)
+    add_config_args(parser, default=["configs/demo.yaml"])
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint "
+                        "(its config.yaml is used; --set may change non-architectural keys)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    return parser
+
+
+def training_config(args, parser):
+    """The run's own config.yaml with --set for --resume, else --config files with --set."""
+    if args.resume:
+        if args.config != parser.get_default("config"):
+            raise ConfigError("--resume uses the run's own config.yaml; give changes with --set")
+        return load_config([Path(args.resume) / "config.yaml"], args.overrides)
+    return config_from_args(args)
+
+
+def run_training_cli(main, parser) -> None:
+    """Parse, build the config, train; known failures become one ``error:`` line and exit status 2."""
+    args = parser.parse_args()
+    try:
+        main(training_config(args, parser), resume=args.resume, progress=args.progress)
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
