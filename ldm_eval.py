@@ -159,7 +159,8 @@ def main(cfg, ckpt: str | Path, split: str | None = "test", input_dir: str | Non
                "global_local": {"enabled": gl.enabled, "leg_mode": gl.leg_mode, "alpha": gl.alpha,
                                 "fusion": gl.fusion, "masks": gl.masks},
                "output_mode": cfg.output.mode, "seconds_per_image": per}
-    atomic_write_text(out_dir / "timing.json", json.dumps(summary, indent=2) + "\n")
+    if done or not skipped:   # a run that only found finished outputs keeps the timing of the run that made them
+        atomic_write_text(out_dir / "timing.json", json.dumps(summary, indent=2) + "\n")
     print(f"{done} of {len(jobs)} images written, {len(skipped)} already done, {len(failures)} failed -> {out_dir}"
           f" | s/image: encode {per['encode']:.3f}, sample {per['sample']:.3f} ({cfg.sampler.name} x"
           f"{cfg.sampler.steps}, {'global+local' if gl.enabled else 'global'}), decode {per['decode']:.3f}, "

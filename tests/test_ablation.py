@@ -1,0 +1,146 @@
+"""ablation.py on a tiny trained model: the plan, the tables, the histogram figure, and that each row
+is the run ldm_eval.py + metrics.py would make with the row's overrides."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import ablation
+from data.io import read_image
+from tests.scripts import load_script, smoke_config, tiny_dataset
+from utils.checkpoint import load_checkpoint
+
+ldm_eval = load_script("ldm_eval.py")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: intra-op threads on 2 shared cores only add contention (10x slower); set before
+    the module's model fixture (autouse fixtures of a scope come first) and restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """(dataset root, {"offset": ckpt, "no-offset": ckpt}). The second is the same network with
+    diffusion.offset_noise = 0 written into its config: the runner reads the training setting from
+    there, and training a second model would only cost time here."""
+    base = tmp_path_factory.mktemp("ablation")
+    root = tiny_dataset(base / "ds")
+    vq = load_script("vq-gan_train.py").main(smoke_config(root, base / "runs", "vq_train.epochs=1"), progress=False)
+    run = load_script("ldm_train.py").main(
+        smoke_config(root, base / "runs", f"ldm_train.vqgan_ckpt={vq}/checkpoints/best.pt", "ldm_train.epochs=1"),
+        progress=False)
+    ckpt = run / "checkpoints" / "best.pt"
+    raw = load_checkpoint(ckpt)
+    raw["config"]["diffusion"]["offset_noise"] = 0.0
+    no_offset = base / "no_offset.pt"
+    torch.save(raw, no_offset)
+    return root, {"offset": str(ckpt), "no-offset": str(no_offset)}
+
+
+def test_plan_rows_and_shared_runs(models, tmp_path):
+    _, ckpts = models
+    rows = ablation.plan_rows(ckpts, samplers=("lcm", "ddim"), steps=(1, 2))
+    tables = [r.table for r in rows]
+    assert tables.count("offset_tat") == 4 and tables.count("guidance") == 4 and tables.count("fusion") == 3
+    assert tables.count("sampler") == 4
+    ot = [r.cells for r in rows if r.table == "offset_tat"]
+    assert [(c["Model"], c["Offset noise"], c["TAT"]) for c in ot] == [
+        ("offset", "✓ (c = 0.1)", "✓"), ("offset", "✓ (c = 0.1)", "✗"), ("no-offset", "✗", "✓"), ("no-offset", "✗", "✗")]
+    # the inference-time tables use the first model only
+    assert {r.model for r in rows if r.table != "offset_tat"} == {"offset"}
+    runs = ablation.resolve_runs(rows, tmp_path, "test", (), None, None)
+    # the smoke model samples with lcm x 2, LEG "noise", Poisson fusion, TAT on: one run serves four rows
+    base = next(r for r in rows if r.table == "offset_tat").run
+    shared = [r for r in rows if r.run is base]
+    assert {(r.table, tuple(r.cells.values())[0]) for r in shared} == {
+        ("offset_tat", "offset"), ("guidance", "CFG (noise reference)"), ("fusion", "Poisson fusion"), ("sampler", "lcm")}
+    assert len(runs) == len(rows) - 3
+    with pytest.raises(ValueError, match="at most 50"):
+        ablation.plan_rows(ckpts, tables=("sampler",), samplers=("lcm",), steps=(64,))
+    with pytest.raises(ValueError, match="unknown table"):
+        ablation.plan_rows(ckpts, tables=("offset",))
+    with pytest.raises(ValueError, match="two checkpoints are labelled"):
+        ablation.parse_ckpts([f"a={ckpts['offset']}", f"a={ckpts['no-offset']}"])
+    assert ablation.parse_ckpts([ckpts["offset"]]) == {"000-smoke": ckpts["offset"]}
+
+
+def test_dry_run_writes_commands_only(models, tmp_path):
+    _, ckpts = models
+    result = ablation.main([f"m={ckpts['offset']}"], tmp_path, tables=("guidance",), modes=("corrected",),
+                           overrides=("sampler.steps=1",), dry_run=True)
+    text = (tmp_path / "commands.sh").read_text()
+    assert text.count("python ldm_eval.py") == 4 and text.count("python metrics.py") == 4
+    assert "--set global_local.leg_mode=global_cond" in text and "--set sampler.steps=1" in text
+    assert not (tmp_path / "runs").exists() and result["tables"] == {}
+
+
+def test_tables_figure_and_rows_are_real_runs(models, tmp_path):
+    root, ckpts = models
+    result = ablation.main([f"{k}={v}" for k, v in ckpts.items()], tmp_path, samplers=("lcm",), steps=(1, 2),
+                           modes=("corrected",), limit=1)
+    assert result["failures"] == []
+    md = {t: (tmp_path / "tables" / f"{t}.md").read_text() for t in ablation.TABLES}
+    for table, labels in (("offset_tat", ["| offset | ✓ (c = 0.1) | ✓ |", "| offset | ✓ (c = 0.1) | ✗ |",
+                                          "| no-offset | ✗ | ✓ |", "| no-offset | ✗ | ✗ |"]),
+                          ("guidance", [f"| {label} | {mode} |" for mode, label in ablation.GUIDANCE]),
+                          ("fusion", [f"| {label} | {mode} |" for mode, label in ablation.FUSION]),
+                          ("sampler", ["| lcm | 1 |", "| lcm | 2 |"])):
+        body = [line for line in md[table].splitlines() if line.startswith("| ") and "---" not in line]
+        assert len(body) == 1 + len(labels), table                          # header + one line per row
+        for line, label in zip(body[1:], labels):
+            assert line.startswith(label), (table, line)
+            assert line.rstrip(" |").split(" | ")[-1 if table != "sampler" else -2] == "1"   # n = --limit
+        assert "PSNR (dB) ↑" in body[0] and "±" in body[1]
+    assert "s / image" in md["sampler"]
+    assert (tmp_path / "ablation.md").read_text().count("## ") == 4
+    fig = tmp_path / "figures" / "offset_tat_histograms.png"
+    assert fig.is_file() and fig.stat().st_size > 5000
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert len(saved["histogram_overlap"]) == 4 and all(0 <= v <= 1 for v in saved["histogram_overlap"].values())
+
+    # every table cell is the metrics.py report of its run
+    rows = list(csv.DictReader(open(tmp_path / "tables" / "guidance.csv")))
+    assert {r["row"] for r in rows} == {f"{label} / {mode}" for mode, label in ablation.GUIDANCE}
+    for r in rows:
+        if r["metric"] == "psnr":
+            report = json.loads((tmp_path / "runs" / "offset" / r["run"] / "metrics" / "metrics_corrected_native.json").read_text())
+            assert float(r["mean"]) == pytest.approx(report["metrics"]["psnr"]["mean"])
+            assert f"{report['metrics']['psnr']['mean']:.3f} ± {report['metrics']['psnr']['std']:.3f}" in md["guidance"]
+
+    # a row is exactly ldm_eval.py with the row's --set items: rerun one directly and compare pixels
+    row = next(x for x in saved["rows"] if x["table"] == "offset_tat" and x["cells"]["TAT"] == "✗"
+               and x["model"] == "offset")
+    sets = saved["runs"][row["run"]]["sets"]
+    assert "sampler.clip=false" in sets
+    args = ldm_eval.build_parser().parse_args(["--ckpt", ckpts["offset"], *[a for s in sets for a in ("--set", s)]])
+    ldm_eval.main(ldm_eval.config_for(args), ckpts["offset"], out_dir=tmp_path / "direct", progress=False)
+    name = (tmp_path / "runs" / "lists" / "offset" / "demo_testset.txt").read_text().split()[0]
+    np.testing.assert_array_equal(read_image(tmp_path / "direct" / name).pixels,
+                                  read_image(f"{row['run']}/pred/{name}").pixels)
+    tat_on = next(x["run"] for x in saved["rows"] if x["table"] == "offset_tat" and x["cells"]["TAT"] == "✓"
+                  and x["model"] == "offset")
+    assert not np.array_equal(read_image(f"{tat_on}/pred/{name}").pixels, read_image(f"{row['run']}/pred/{name}").pixels)
+
+    # resumable: a second call reuses the outputs and gives the same tables
+    again = ablation.main([f"{k}={v}" for k, v in ckpts.items()], tmp_path, tables=("fusion",), modes=("corrected",),
+                          limit=1)
+    assert again["tables"]["fusion"] == md["fusion"]
+
+
+def test_missing_masks_fail_before_any_run(models, tmp_path):
+    root, ckpts = models
+    shutil.copytree(root, tmp_path / "ds", ignore=shutil.ignore_patterns("Mask"))
+    with pytest.raises(FileNotFoundError, match="need lung masks"):
+        ablation.main([ckpts["offset"]], tmp_path / "out", tables=("offset_tat", "guidance"),
+                      overrides=(f"data.root={tmp_path / 'ds'}",))
+    assert not (tmp_path / "out" / "runs").exists()
