@@ -14,6 +14,18 @@ SZCH_SAMPLES = ROOT.parent / "shared" / "data" / "szch-samples"
 os.environ.setdefault("TORCH_HOME", str(ROOT / ".pytest_cache" / "torch_home"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """The test tensors are tiny: on 2 cores, intra-op threads only add contention (up to 10x slower
+    for small convolutions). Subprocess tests set OMP_NUM_THREADS themselves."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def szch_samples() -> Path:
     """../shared/data/szch-samples (two real registered CXR/BS pairs); skips when absent."""

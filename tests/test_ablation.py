@@ -18,14 +18,6 @@ from utils.checkpoint import load_checkpoint
 ldm_eval = load_script("ldm_eval.py")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: intra-op threads on 2 shared cores only add contention (10x slower); set before
-    the module's model fixture (autouse fixtures of a scope come first) and restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -41,15 +41,6 @@ def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tensors here are tiny: intra-op threads on 2 shared cores only add contention (10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # --------------------------------------------------------------------------------------------------
 # Gaussian toy: exact teacher, affine consistency student
 # --------------------------------------------------------------------------------------------------
