@@ -171,6 +171,9 @@ def test_write_never_overwrites_input_and_leaves_no_temp(tmp_path):
     assert src.read_bytes() == before
     write_png(tmp_path / "out" / "o.png", ramp())
     assert sorted(os.listdir(tmp_path / "out")) == ["o.png"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "out" / "o.png").stat().st_mode & 0o777 == 0o666 & ~umask    # not mkstemp's 0600
 
 
 def test_failed_write_keeps_old_file(tmp_path, monkeypatch):

@@ -34,6 +34,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any], *inputs: 
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp creates 0600 files; give the result the usual permissions (0666 minus the umask).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, dst)
     except BaseException:
         if os.path.exists(tmp):
