@@ -41,7 +41,7 @@ from tqdm import tqdm
 import numpy as np
 
 from data.datasets import CXR, MASK, split_list
-from data.io import ImageError, is_image_file, read_image, write_dicom, write_png
+from data.io import ImageError, read_image, write_dicom, write_png
 from data.masking import binarize_mask
 from models import build_unet, load_vqgan
 from models.pipeline import BoneSuppressor
@@ -50,7 +50,7 @@ from utils.atomic import atomic_write_text
 from utils.checkpoint import CheckpointError, load_checkpoint, load_state
 from utils.config import ConfigError, config_from_dict
 from utils.dist import resolve_device
-from utils.scripts import checkpoint_config, eval_parser
+from utils.scripts import checkpoint_config, eval_parser, folder_images
 
 STAGE = "ldm"
 
@@ -67,10 +67,7 @@ def load_ldm(path: str | Path, device: torch.device, weights: str = "ema"):
 def image_jobs(cfg, split: str | None, input_dir: str | None) -> list[Path]:
     """Source CXR paths: a split's CXR/ images or every image of a folder."""
     if input_dir is not None:
-        d = Path(input_dir)
-        if not d.is_dir():
-            raise FileNotFoundError(f"{d}: input folder not found")
-        return [p for p in sorted(d.iterdir()) if p.is_file() and is_image_file(p)]
+        return folder_images(input_dir, "ldm_eval.py")
     root = Path(cfg.data.root)
     return [root / CXR / n for n in split_list(cfg.data, split)]
 

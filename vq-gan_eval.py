@@ -32,7 +32,7 @@ from skimage.metrics import structural_similarity
 from tqdm import tqdm
 
 from data.datasets import split_list
-from data.io import ImageError, is_image_file, read_image, write_png
+from data.io import ImageError, read_image, write_png
 from data.transforms import from_model, to_model
 from models import load_vqgan
 from models.msssim import MSSSIM
@@ -41,7 +41,7 @@ from utils.atomic import atomic_write_text
 from utils.checkpoint import CheckpointError
 from utils.config import ConfigError
 from utils.dist import resolve_device
-from utils.scripts import checkpoint_config, eval_parser
+from utils.scripts import checkpoint_config, eval_parser, folder_images
 
 STAGE = "vqgan"
 
@@ -61,10 +61,7 @@ def reconstruct(model, pixels: np.ndarray, invert: bool, device: torch.device) -
 def image_jobs(cfg, split: str | None, input_dir: str | None) -> list[tuple[str, Path]]:
     """(relative output name, source path) for a split's CXR/BS images or a folder's images."""
     if input_dir is not None:
-        d = Path(input_dir)
-        if not d.is_dir():
-            raise FileNotFoundError(f"{d}: input folder not found")
-        return [(p.name, p) for p in sorted(d.iterdir()) if p.is_file() and is_image_file(p)]
+        return [(p.name, p) for p in folder_images(input_dir, "vq-gan_eval.py")]
     root = Path(cfg.data.root)
     names = split_list(cfg.data, split)
     return [(f"{sub}/{n}", root / sub / n) for sub in ("CXR", "BS") for n in names]

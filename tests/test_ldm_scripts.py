@@ -113,6 +113,7 @@ def test_eval_cli_folder_bad_file_and_input_guard(stage1, tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
     (folder / "bad.png").write_bytes(b"\x89PNG broken")
+    (folder / "notes.txt").write_text("not an image")
     for n in ("c00.png", "c01.png"):
         (folder / n).write_bytes((root / "CXR" / n).read_bytes())
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
@@ -121,6 +122,7 @@ def test_eval_cli_folder_bad_file_and_input_guard(stage1, tmp_path):
     res = subprocess.run(cmd + ["--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 1, res.stderr
     assert "bad.png: not a readable image" in res.stderr and "2 of 3 images written" in res.stdout
+    assert "notes.txt: not an image file (ignored)" in res.stderr
     assert json.loads((tmp_path / "out" / "timing.json").read_text())["sampler"]["name"] == "ddim"
     # without masks the global-local path reports every image; --global-only needs none
     res = subprocess.run(cmd[:-2] + ["--out", str(tmp_path / "nomask")], cwd=ROOT, capture_output=True, text=True)
