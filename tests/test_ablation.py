@@ -51,11 +51,11 @@ def test_plan_rows_and_shared_runs(models, tmp_path):
     # the inference-time tables use the first model only
     assert {r.model for r in rows if r.table != "offset_tat"} == {"offset"}
     runs = ablation.resolve_runs(rows, tmp_path, "test", (), None, None)
-    # the smoke model samples with lcm x 2, LEG "noise", Poisson fusion, TAT on: one run serves four rows
+    # the smoke model samples with lcm x 2, no LEG (demo.yaml), Poisson fusion, TAT on: one run serves four rows
     base = next(r for r in rows if r.table == "offset_tat").run
     shared = [r for r in rows if r.run is base]
     assert {(r.table, tuple(r.cells.values())[0]) for r in shared} == {
-        ("offset_tat", "offset"), ("guidance", "CFG (noise reference)"), ("fusion", "Poisson fusion"), ("sampler", "lcm")}
+        ("offset_tat", "offset"), ("guidance", "Vanilla guidance"), ("fusion", "Poisson fusion"), ("sampler", "lcm")}
     assert len(runs) == len(rows) - 3
     with pytest.raises(ValueError, match="at most 50"):
         ablation.plan_rows(ckpts, tables=("sampler",), samplers=("lcm",), steps=(64,))
