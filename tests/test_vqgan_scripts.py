@@ -43,8 +43,9 @@ def test_train_writes_run_folder(dataset, tmp_path):
     assert ckpt["kind"] == "vqgan" and ckpt["epoch"] == 1 and ckpt["step"] == 10   # 18 images / 4 = 5 it/epoch
     assert set(ckpt["state"]) == {"model", "opt_g", "sched_g", "disc", "opt_d", "sched_d"}
     # milestones in epochs: the LR halves after epoch 1 (iteration 5) for G and for D
-    assert ckpt["state"]["sched_g"]["_last_lr"] == [0.5e-4]
-    assert ckpt["state"]["sched_d"]["_last_lr"] == [2.5e-4]
+    tc = smoke_config(dataset, tmp_path).vq_train
+    assert ckpt["state"]["sched_g"]["_last_lr"] == pytest.approx([tc.lr_g * tc.gamma])
+    assert ckpt["state"]["sched_d"]["_last_lr"] == pytest.approx([tc.lr_d * tc.gamma])
 
 
 def test_resume_is_exact(dataset, tmp_path):
