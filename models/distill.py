@@ -21,8 +21,8 @@ t_n ∈ {k−1, 2k−1, …, T−1}, k = T/N (N = 50 → k = 20):
     target  = f_θ⁻(ẑ_prev, t_prev)                                        (EMA target, no gradient)
     loss    = mean((pred − target)²)  or  mean(√((pred − target)² + c²) − c)   (pseudo-Huber)
 
-after which the caller steps the optimiser on θ and calls :func:`update_target`
-(θ⁻ ← μ·θ⁻ + (1−μ)·θ, μ = 0.95). With the teacher exact, the fixed point of this iteration is the
+after which the caller steps the optimiser on θ and updates the target,
+θ⁻ ← μ·θ⁻ + (1−μ)·θ (μ = 0.95): ``utils.ema.EMA(student, μ)``, whose ``shadow`` is θ⁻. With the teacher exact, the fixed point of this iteration is the
 composition of the teacher's DDIM steps along the grid down to t = 0, i.e. the teacher's N-step
 DDIM solution of the probability-flow ODE (tests/test_distill.py checks this on a Gaussian).
 Reaching it takes at least ≈ N/(1−μ) optimiser steps (1000 for the defaults): the boundary condition
@@ -55,14 +55,11 @@ Decisions (documented here because they are not in the reference code):
   the diffusion loss; the extra 4 channels of the reference UNet stay unsupervised.
 * **No clipping.** The teacher's x̂0 is not clamped (TAT is a sampling heuristic, §4.3); clipping
   inside the ODE step would make the distilled trajectories differ from the teacher's PF-ODE.
-* **Target network.** :func:`init_target` / :func:`update_target` are the plain-function form of
-  ``utils.ema.EMA(student, mu)`` (``EMA.shadow`` is the target, ``EMA.update`` the same lerp). The
-  functions are used so that the target is an ordinary module the trainer can checkpoint next to
-  the student, distinct from the (slower, μ = 0.995) evaluation EMA of the trainer.
+* **Target network.** θ⁻ is ``utils.ema.EMA(student, μ).shadow``, updated by ``EMA.update`` after
+  every optimiser step; ldm_train.py saves it as the checkpoint's ``ema`` and samples it.
 """
 from __future__ import annotations
 
-import copy
 from typing import Callable
 
 import torch
@@ -72,7 +69,7 @@ from models.schedule import NoiseSchedule, model_input_train, offset_noise
 from utils.config import DiffusionConfig, DistillConfig
 
 __all__ = ["ddim_grid", "consistency_output", "ddim_solver_step", "distance", "consistency_distillation_loss",
-           "init_target", "update_target", "LOSS_TYPES"]
+           "LOSS_TYPES"]
 
 LOSS_TYPES = ("l2", "huber")
 
@@ -183,8 +180,8 @@ def consistency_distillation_loss(student: Model, target: Model, teacher: Model,
     """One latent-consistency-distillation loss evaluation (§4.5; see the module docstring).
 
     Gradients flow into ``student`` only: the teacher and the target run under ``torch.no_grad``.
-    The caller does backward / optimiser step and then :func:`update_target`. Put the teacher and
-    the target in ``eval()`` and ``requires_grad_(False)`` (``init_target`` does that for the
+    The caller does backward / optimiser step and then ``EMA.update``. Put the teacher and
+    the target in ``eval()`` and ``requires_grad_(False)`` (``utils.ema.EMA`` does that for the
     target).
 
     Args:
@@ -240,32 +237,3 @@ def consistency_distillation_loss(student: Model, target: Model, teacher: Model,
     loss = distance(pred, tgt, distill_cfg.loss, distill_cfg.huber_c)
     mse = (pred.detach().float() - tgt.float()).pow(2).mean()
     return loss, {"loss": loss.item(), "mse": mse.item(), "t_mean": t_start.float().mean().item()}
-
-
-# --------------------------------------------------------------------------------------------------
-# Target network θ⁻
-# --------------------------------------------------------------------------------------------------
-
-def init_target(student: torch.nn.Module) -> torch.nn.Module:
-    """θ⁻ ← θ: a frozen deep copy of the student in eval mode (same as ``EMA(student, mu).shadow``)."""
-    return copy.deepcopy(student).eval().requires_grad_(False)
-
-
-@torch.no_grad()
-def update_target(target: torch.nn.Module, student: torch.nn.Module, mu: float = 0.95) -> None:
-    """θ⁻ ← μ·θ⁻ + (1−μ)·θ for floating-point parameters; other parameters and all buffers are copied.
-
-    Identical to ``utils.ema.EMA.update`` with decay μ; call it after every optimiser step.
-    """
-    if not 0.0 <= mu <= 1.0:
-        raise ValueError(f"mu must be in [0, 1], got {mu}")
-    t_params, s_params = list(target.parameters()), list(student.parameters())
-    if len(t_params) != len(s_params):
-        raise ValueError("target and student have different parameter lists")
-    for p_t, p_s in zip(t_params, s_params):
-        if p_t.dtype.is_floating_point:
-            p_t.lerp_(p_s.detach(), 1.0 - mu)
-        else:
-            p_t.copy_(p_s)
-    for b_t, b_s in zip(target.buffers(), student.buffers()):
-        b_t.copy_(b_s)

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from models.distill import (ddim_grid, consistency_distillation_loss, consistency_output, ddim_solver_step,
-                            distance, init_target, update_target)
+                            distance)
 from models.samplers import consistency_scalings, ddim_step, sample, timesteps_lcm
 from models.schedule import NoiseSchedule, model_input_train, offset_noise
 from models.unet import UNetModel
@@ -200,21 +200,24 @@ def test_distances():
 def test_target_network_is_ema_of_student():
     torch.manual_seed(0)
     student = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
-    target, ema = init_target(student), EMA(student, 0.95)
+    ema = EMA(student, 0.95)
+    target = ema.shadow
     assert not any(p.requires_grad for p in target.parameters()) and not target.training
     with torch.no_grad():
         for p in student.parameters():
             p.add_(1.0)
         student[1].running_mean.fill_(3.0)
     old = [p.clone() for p in target.parameters()]
-    update_target(target, student, 0.95)
     ema.update(student)
-    for p_t, p_e, p_old, p_s in zip(target.parameters(), ema.shadow.parameters(), old, student.parameters()):
+    for p_t, p_old, p_s in zip(target.parameters(), old, student.parameters()):
         torch.testing.assert_close(p_t, 0.95 * p_old + 0.05 * p_s)
-        assert torch.equal(p_t, p_e)                                             # same as utils.ema.EMA
     assert torch.equal(target[1].running_mean, student[1].running_mean)          # buffers copied
-    update_target(target, student, 0.0)
-    assert all(torch.equal(a, b) for a, b in zip(target.parameters(), student.parameters()))
+    copy_ema = EMA(student, 0.0)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    copy_ema.update(student)
+    assert all(torch.equal(a, b) for a, b in zip(copy_ema.shadow.parameters(), student.parameters()))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -308,7 +311,8 @@ def test_lcd_student_converges_to_teacher_ode_solution(sched):
     teacher = GaussianTeacher(sched, mu, s)
     mu32, s32 = mu.float(), s.float()
     student = teacher_init_student(sched, mu, s, torch.float32)
-    target = init_target(student)
+    ema = EMA(student, DistillConfig().target_ema)
+    target = ema.shadow
     dcfg, fcfg = DistillConfig(), DiffusionConfig(offset_noise=0.0)
     assert dcfg.loss == "huber" and dcfg.target_ema == 0.95 and dcfg.num_ddim_timesteps == 50
 
@@ -348,7 +352,7 @@ def test_lcd_student_converges_to_teacher_ode_solution(sched):
         loss.backward()
         opt.step()
         lr_sched.step()
-        update_target(target, student, dcfg.target_ema)
+        ema.update(student)
     after = rel_err(one_step(student), ddim50, mu)
     after_target = rel_err(one_step(target), ddim50, mu)
     print(f"1-step rel. error vs 50-step DDIM: before {before:.4f}, after {after:.5f} (target {after_target:.5f});"
@@ -378,7 +382,8 @@ def test_two_step_unet_distillation(sched, cond_mode, loss_type, guidance):
     teacher.eval().requires_grad_(False)
     teacher_before = copy.deepcopy(teacher.state_dict())
     student = copy.deepcopy(teacher).train().requires_grad_(True)
-    target = init_target(student)
+    ema = EMA(student, DistillConfig().target_ema)
+    target = ema.shadow
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
     dcfg = DistillConfig(loss=loss_type, guidance_scale=guidance)
     fcfg = DiffusionConfig(offset_noise=0.1, cond_mode=cond_mode)
@@ -396,7 +401,7 @@ def test_two_step_unet_distillation(sched, cond_mode, loss_type, guidance):
         assert all(p.grad is None for p in teacher.parameters())
         assert all(p.grad is None for p in target.parameters())
         opt.step()
-        update_target(target, student, dcfg.target_ema)
+        ema.update(student)
         moved = False
         for p_t, p_old, p_s in zip(target.parameters(), target_before, student.parameters()):
             torch.testing.assert_close(p_t, 0.95 * p_old + 0.05 * p_s.detach())
