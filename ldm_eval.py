@@ -45,7 +45,7 @@ from data.io import ImageError, read_image, write_dicom, write_png
 from data.masking import binarize_mask
 from models import build_unet, load_vqgan
 from models.pipeline import BoneSuppressor
-from models.schedule import build_schedule
+from models.schedule import build_schedule, eps_model
 from utils.atomic import atomic_write_text
 from utils.checkpoint import CheckpointError, load_checkpoint, load_state
 from utils.config import ConfigError, config_from_dict
@@ -56,11 +56,13 @@ STAGE = "ldm"
 
 
 def load_ldm(path: str | Path, device: torch.device, weights: str = "ema"):
-    """(UNet in eval mode, its training config, latent size) from a stage-2 checkpoint."""
+    """(ε-model in eval mode, its training config) from a stage-2 checkpoint: the UNet, seen through
+    :func:`models.schedule.eps_model` when it was trained to predict v."""
     ckpt = load_checkpoint(path, kind=STAGE)
     cfg = config_from_dict(ckpt["config"], source=f"{path} (config)")
     unet = build_unet(cfg.unet, image_size=ckpt["extra"]["latent_size"])
     load_state(unet, ckpt["state"]["ema" if weights == "ema" else "unet"], path, weights)
+    unet = eps_model(unet, build_schedule(cfg.diffusion), cfg.diffusion.prediction)
     return unet.to(device).eval().requires_grad_(False), cfg
 
 

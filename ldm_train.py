@@ -12,14 +12,15 @@ Usage:
 The frozen first stage (rebuilt from its checkpoint) encodes every (CXR, soft tissue) pair of the
 train and val splits once (``ldm_train.cache_latents``; plus the lung-masked pairs with
 ``data.use_masked``, §1.5). The UNet sees [noisy soft-tissue latent ; CXR latent] and predicts the
-offset noise ε + c·δ (MSE on the 4 supervised channels, timesteps drawn per real batch element,
+offset noise ε + c·δ (or, with ``diffusion.prediction: v``, v = √ᾱ·(ε + c·δ) − √(1−ᾱ)·z0; MSE on the 4
+supervised channels, timesteps drawn per real batch element,
 §7.5); the condition enters as ``diffusion.cond_mode`` says (§3.5). AdamW with MultiStepLR
 milestones in epochs; an EMA of the weights is kept, saved and used for validation and sampling
-(§7.6). Validation: ε-MSE on the val split with a fixed generator, and a PNG grid of sampled val
+(§7.6). Validation: the same loss on the val split with a fixed generator, and a PNG grid of sampled val
 images (CXR | prediction | target, all through the VQGAN decoder).
 
 Distillation (``ldm_train.mode: distill``): the teacher is a diffusion checkpoint of this stage
-(its EMA weights, frozen); the UNet, schedule, offset noise and condition mode are taken from its
+(its EMA weights, frozen); the UNet, schedule, offset noise, condition mode and prediction type are taken from its
 config, and so is the VQGAN unless ``ldm_train.vqgan_ckpt`` is given. The student starts from the
 teacher's weights; the EMA target network (μ = ``distill.target_ema``) is what gets saved as
 ``ema`` and sampled. Each step draws a start time on the N-point DDIM grid, takes one DDIM teacher
@@ -44,7 +45,7 @@ from data.datasets import PairedDataset, split_list
 from models import build_unet, count_parameters, load_vqgan
 from models.distill import consistency_distillation_loss
 from models.inference import suppress_latents
-from models.schedule import build_schedule, training_loss
+from models.schedule import build_schedule, eps_model, training_loss
 from utils.checkpoint import CheckpointError, CheckpointManager, load_checkpoint, load_state
 from utils.config import ConfigError, config_from_dict, config_to_dict, save_config
 from utils.dist import (DistInfo, all_reduce_mean, autocast_context, barrier, cleanup_distributed,
@@ -86,9 +87,13 @@ def make_loss(cfg, schedule, teacher=None):
     if cfg.ldm_train.mode == "diffusion":
         return lambda model, z_bs, z_cxr, g=None, target=None: training_loss(
             model, schedule, z_bs, z_cxr, cfg.diffusion, generator=g)
+    # The LCD loss works with ε-models: a v-prediction student, target and teacher are seen through
+    # eps_model (the student inherits the teacher's prediction type with its weights).
+    as_eps = lambda net: eps_model(net, schedule, cfg.diffusion.prediction)  # noqa: E731
+    teacher = as_eps(teacher)
     return lambda model, z_bs, z_cxr, g=None, target=None: consistency_distillation_loss(
-        model, model if target is None else target, teacher, schedule, z_bs, z_cxr, cfg.distill, cfg.diffusion,
-        generator=g)
+        as_eps(model), as_eps(model if target is None else target), teacher, schedule, z_bs, z_cxr, cfg.distill,
+        cfg.diffusion, generator=g)
 
 
 @torch.no_grad()
@@ -108,7 +113,7 @@ def sample_grid(path: Path, unet, vqgan, schedule, val_set: TensorDataset, cfg, 
     """Sample up to 4 val cases with the configured sampler; grid rows CXR | prediction | target."""
     z_bs, z_cxr = (t[:4].to(device) for t in val_set.tensors)
     g = torch.Generator(device="cpu").manual_seed(cfg.sampler.seed)
-    z_pred = suppress_latents(unet, schedule, z_cxr, cfg.sampler, cfg.diffusion.cond_mode, generator=g)
+    z_pred = suppress_latents(eps_model(unet, schedule, cfg.diffusion.prediction), schedule, z_cxr, cfg.sampler, cfg.diffusion.cond_mode, generator=g)
     cols = [vqgan.decode(z).clamp(-1, 1).cpu() for z in (z_cxr, z_pred, z_bs)]
     save_grid(path, cols)
 
@@ -188,7 +193,8 @@ def _train(cfg, info: DistInfo, resume, progress: bool) -> Path:
     log.info(f"run {run_dir} | {info.world_size} process(es) on {device} | UNet {count_parameters(unet):,} params "
              f"| latents {tuple(train_set.tensors[0].shape[1:])} | {len(train_set)} train / {len(val_set)} val "
              f"pairs, {steps_per_epoch} iterations per epoch | {tc.mode} | {cfg.diffusion.beta_schedule}, offset "
-             f"noise {cfg.diffusion.offset_noise}, condition {cfg.diffusion.cond_mode}")
+             f"noise {cfg.diffusion.offset_noise}, condition {cfg.diffusion.cond_mode}, predicts "
+             f"{cfg.diffusion.prediction}")
 
     amp = autocast_context(device, tc.amp)
     skipped = 0

@@ -1,5 +1,5 @@
-"""Variance-preserving noise schedule, offset noise, condition handling and the ε-MSE loss
-(method.md §3.3, §3.5).
+"""Variance-preserving noise schedule, offset noise, condition handling, prediction targets and the
+training loss (method.md §3.3, §3.5).
 
 ``NoiseSchedule`` owns the betas and ᾱ_t (``alphas_cumprod``) and the closed-form maps between x0,
 ε and x_t. It knows nothing about networks or samplers (style.md C4).
@@ -7,6 +7,16 @@
     add_noise:   x_t = √ᾱ_t · x0 + √(1−ᾱ_t) · ε
     predict_x0:  x̂0  = (x_t − √(1−ᾱ_t) · ε̂) / √ᾱ_t
     predict_eps: ε̂   = (x_t − √ᾱ_t · x̂0) / √(1−ᾱ_t)
+    v_target:    v   = √ᾱ_t · ε − √(1−ᾱ_t) · x0          (Salimans & Ho 2022)
+    eps_from_v:  ε̂   = √(1−ᾱ_t) · x_t + √ᾱ_t · v̂
+
+Prediction types (``diffusion.prediction``). BS-LDM / GL-LCM predict ε (``epsilon``, the default and
+the paper configs). ``v`` is an option of this project: with ε-prediction x̂0 = (x_t − √(1−ᾱ)ε̂)/√ᾱ
+multiplies any ε error by √((1−ᾱ)/ᾱ) ≈ 15 at t = 999 of the scaled-linear schedule, and the ε-loss
+barely weights those timesteps, so a briefly trained model gets x̂0 (and the image brightness) of
+the first sampling steps wrong; v-prediction bounds the x̂0 error by the v error at every t.
+:func:`eps_model` turns either network into the ε-model the samplers, the guidance and the
+distillation work with, so nothing downstream depends on the prediction type.
 
 The schedule is computed in float64 (diffusers computes it in float32; the relative difference in
 ᾱ_t is < 1e-5, far below anything a trained model resolves) and gathered in the dtype of the tensor
@@ -30,11 +40,12 @@ import torch.nn.functional as F
 
 from utils.config import DiffusionConfig
 
-__all__ = ["NoiseSchedule", "build_schedule", "randn", "offset_noise", "COND_MODES",
-           "model_input_train", "model_input_sample", "training_loss"]
+__all__ = ["NoiseSchedule", "build_schedule", "randn", "offset_noise", "COND_MODES", "PREDICTION_TYPES",
+           "model_input_train", "model_input_sample", "training_loss", "EpsFromV", "eps_model"]
 
 BETA_SCHEDULES = ("scaled_linear", "cosine", "linear")
 COND_MODES = ("clean", "bug_compatible", "scaled_consistent")
+PREDICTION_TYPES = ("epsilon", "v")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -185,6 +196,17 @@ class NoiseSchedule:
                 / self._gather("sqrt_one_minus_alphas_cumprod", t, x_t))
 
 
+    def v_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        """v = √ᾱ_t·noise − √(1−ᾱ_t)·x0, the v-prediction target; shapes as in :meth:`add_noise`."""
+        return (self._gather("sqrt_alphas_cumprod", t, x0) * noise
+                - self._gather("sqrt_one_minus_alphas_cumprod", t, x0) * x0)
+
+    def eps_from_v(self, x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        """ε̂ = √(1−ᾱ_t)·x_t + √ᾱ_t·v̂ (exact inverse of :meth:`v_target` given x_t); shapes as above."""
+        return (self._gather("sqrt_one_minus_alphas_cumprod", t, x_t) * x_t
+                + self._gather("sqrt_alphas_cumprod", t, x_t) * v)
+
+
 def build_schedule(cfg: DiffusionConfig) -> NoiseSchedule:
     """Noise schedule from the ``diffusion`` config section."""
     return NoiseSchedule(cfg.num_train_timesteps, cfg.beta_schedule, cfg.beta_start, cfg.beta_end)
@@ -232,34 +254,72 @@ def model_input_sample(x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor | 
 def training_loss(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], schedule: NoiseSchedule,
                   z_target: torch.Tensor, z_cond: torch.Tensor, cfg: DiffusionConfig,
                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """ε-prediction MSE with offset noise, shared by training and validation (style.md C6).
+    """ε- (or v-) prediction MSE with offset noise, shared by training and validation (style.md C6).
 
     t ~ U{0, …, T−1} is drawn once per sample with the *actual* batch size (the reference used the
     configured batch size, which crashes or broadcasts on a partial last batch, §7.5). The offset
     noise ε_off (coefficient ``cfg.offset_noise``) is added to the target channels only; the
-    condition enters according to ``cfg.cond_mode``. The loss is MSE(ε̂[:, :C], ε_off), C =
+    condition enters according to ``cfg.cond_mode``. The loss is MSE(out[:, :C], target), C =
     z_target's channels, so it works for a network with 4 or 8 output channels (the extra ones are
-    unsupervised, as in the reference).
+    unsupervised, as in the reference); the target is ε_off (``cfg.prediction == "epsilon"``, the
+    reference) or v = √ᾱ_t·ε_off − √(1−ᾱ_t)·z_target (``"v"``).
 
     Args:
-        model: ``model(x (B, C + C_cond, h, w), t (B,) long) -> (B, >= C, h, w)``.
+        model: ``model(x (B, C + C_cond, h, w), t (B,) long) -> (B, >= C, h, w)``, the raw network.
         schedule: the noise schedule.
         z_target: (B, C, h, w) clean target (soft-tissue) latent.
         z_cond: (B, C_cond, h, w) condition (CXR) latent.
-        cfg: the ``diffusion`` config (offset_noise, cond_mode).
+        cfg: the ``diffusion`` config (offset_noise, cond_mode, prediction).
         generator: optional; t is drawn first, then ε, then δ.
 
     Returns:
         ``(loss, logs)``: scalar loss (fp32) and plain floats ``{"loss", "t_mean"}``.
     """
+    _check_prediction(cfg.prediction)
     b, c = z_target.shape[:2]
     device = z_target.device
     draw_device = generator.device if generator is not None else device
     t = torch.randint(0, schedule.num_train_timesteps, (b,), generator=generator, device=draw_device).to(device)
     noise = offset_noise(z_target.shape, cfg.offset_noise, generator, device, z_target.dtype)
     x_t = schedule.add_noise(z_target, noise, t)
-    eps_hat = model(model_input_train(x_t, z_cond, t, schedule, cfg.cond_mode), t)
-    if eps_hat.shape[1] < c:
-        raise ValueError(f"model returned {eps_hat.shape[1]} channels, need at least {c}")
-    loss = F.mse_loss(eps_hat[:, :c].float(), noise.float())
+    out = model(model_input_train(x_t, z_cond, t, schedule, cfg.cond_mode), t)
+    if out.shape[1] < c:
+        raise ValueError(f"model returned {out.shape[1]} channels, need at least {c}")
+    target = noise if cfg.prediction == "epsilon" else schedule.v_target(z_target, noise, t)
+    loss = F.mse_loss(out[:, :c].float(), target.float())
     return loss, {"loss": loss.item(), "t_mean": t.float().mean().item()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Prediction types
+# --------------------------------------------------------------------------------------------------
+
+def _check_prediction(prediction: str) -> None:
+    if prediction not in PREDICTION_TYPES:
+        raise ValueError(f"prediction must be one of {PREDICTION_TYPES}, got {prediction!r}")
+
+
+class EpsFromV(torch.nn.Module):
+    """A v-prediction network seen as an ε-prediction network (no parameters of its own).
+
+    ``forward(x (B, C + C_cond, h, w), t (B,))``: runs ``net`` and replaces its first C output
+    channels v̂ by ε̂ = √(1−ᾱ_t)·x_t + √ᾱ_t·v̂, with x_t = x[:, :C]; any further output channels are
+    passed through unchanged. C = ``channels`` (4, the supervised latent channels).
+    """
+
+    def __init__(self, net: torch.nn.Module, schedule: NoiseSchedule, channels: int = 4):
+        super().__init__()
+        self.net, self.schedule, self.channels = net, schedule, channels
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = self.net(x, t)
+        c = self.channels
+        eps = self.schedule.eps_from_v(x[:, :c].to(out.dtype), out[:, :c], t)
+        return torch.cat([eps, out[:, c:]], dim=1) if out.shape[1] > c else eps
+
+
+def eps_model(net: torch.nn.Module, schedule: NoiseSchedule, prediction: str = "epsilon",
+              channels: int = 4) -> torch.nn.Module:
+    """``net`` itself for ``epsilon``; :class:`EpsFromV` around it for ``v``."""
+    _check_prediction(prediction)
+    return net if prediction == "epsilon" else EpsFromV(net, schedule, channels)

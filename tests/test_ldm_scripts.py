@@ -157,13 +157,15 @@ def test_ddp_two_cpu_processes(stage1, tmp_path):
     assert latest(run)["step"] == 4          # 9 pairs over 2 ranks, batch 4: 2 iterations per epoch
 
 
-def test_distillation_mode(stage1, tmp_path):
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+def test_distillation_mode(stage1, tmp_path, prediction):
     from tests.conftest import ROOT
     from utils.config import load_config
 
     root, vq = stage1
     teacher_run = ldm_train.main(cfg_for(stage1, tmp_path / "t", "ldm_train.epochs=1",
-                                         "diffusion.cond_mode=bug_compatible"), progress=False)
+                                         "diffusion.cond_mode=bug_compatible", f"diffusion.prediction={prediction}"),
+                                 progress=False)
     teacher_ckpt = teacher_run / "checkpoints" / "best.pt"
     cfg = load_config([ROOT / "configs" / "demo.yaml", ROOT / "configs" / "smoke.yaml", ROOT / "configs" / "distill.yaml"],
                       [f"data.root={root}", f"run.out_dir={tmp_path / 's'}", f"distill.teacher_ckpt={teacher_ckpt}",
@@ -173,6 +175,7 @@ def test_distillation_mode(stage1, tmp_path):
     saved = ckpt["config"]
     assert saved["ldm_train"]["mode"] == "distill" and saved["unet"]["model_channels"] == 32
     assert saved["diffusion"]["cond_mode"] == "scaled_consistent"     # bug_compatible teacher, consistent student
+    assert saved["diffusion"]["prediction"] == prediction               # the student predicts what the teacher did
     assert saved["ldm_train"]["vqgan_ckpt"] == str(vq)
     teacher = load_checkpoint(teacher_ckpt)["state"]["ema"]
     moved = [k for k, v in ckpt["state"]["unet"].items() if v.dtype.is_floating_point and not torch.equal(v, teacher[k])]

@@ -1,5 +1,5 @@
 """Noise schedules (golden values of method.md §3.3, §3.5, §8), forward/inverse maps, offset noise,
-the three condition modes and the ε-MSE training loss."""
+the three condition modes, the ε- and v-prediction training loss and the v -> ε adapter."""
 from __future__ import annotations
 
 import math
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from models.schedule import (NoiseSchedule, build_schedule, model_input_sample, model_input_train,
-                             offset_noise, training_loss)
+from models.schedule import (EpsFromV, NoiseSchedule, build_schedule, eps_model, model_input_sample,
+                             model_input_train, offset_noise, training_loss)
 from models.unet import UNetModel
 from utils.config import DiffusionConfig
 
@@ -229,3 +229,59 @@ def test_training_loss_is_seeded(schedules):
     b = training_loss(model, schedules["scaled_linear"], z, c, cfg, gen(9))[0]
     d = training_loss(model, schedules["scaled_linear"], z, c, cfg, gen(10))[0]
     assert a.item() == b.item() and a.item() != d.item()
+
+
+# --------------------------------------------------------------------------------------------------
+# v-prediction
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["scaled_linear", "cosine"])
+def test_v_target_and_eps_from_v_invert(schedules, name):
+    s = schedules[name]
+    x0 = torch.randn(4, 4, 4, 4, generator=gen(), dtype=torch.float64)
+    noise = torch.randn(4, 4, 4, 4, generator=gen(1), dtype=torch.float64)
+    t = torch.tensor([0, 10, 500, 999])
+    xt = s.add_noise(x0, noise, t)
+    v = s.v_target(x0, noise, t)
+    assert torch.allclose(s.eps_from_v(xt, v, t), noise, atol=1e-9)
+    # v = √ᾱ·ε − √(1−ᾱ)·x0 by hand, and x̂0 through the recovered ε̂ is x0 (well-conditioned t only)
+    a = s.alphas_cumprod[t].view(4, 1, 1, 1)
+    assert torch.allclose(v, a.sqrt() * noise - (1 - a).sqrt() * x0, atol=1e-12)
+    assert torch.allclose(s.predict_x0(xt[:3], s.eps_from_v(xt[:3], v[:3], t[:3]), t[:3]), x0[:3], atol=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["clean", "bug_compatible"])
+def test_v_training_loss_with_oracle(mode, schedules):
+    """A network that knows z and outputs the exact v has zero loss; its ε-view is the offset noise."""
+    s = schedules["scaled_linear"]
+    z, c = torch.randn(3, 4, 4, 4, generator=gen()), torch.randn(3, 4, 4, 4, generator=gen(1))
+
+    def v_oracle(x, t):
+        eps = s.predict_eps(x[:, :4], z, t)
+        return torch.cat([s.v_target(z, eps, t), torch.full_like(eps, 7.0)], 1)
+
+    cfg = DiffusionConfig(cond_mode=mode, prediction="v")
+    loss, _ = training_loss(v_oracle, s, z, c, cfg, gen(5))
+    assert loss.item() < 1e-8
+    # The same oracle judged as an ε-network is wrong: the target really changed.
+    assert training_loss(v_oracle, s, z, c, DiffusionConfig(cond_mode=mode), gen(5))[0].item() > 0.1
+    net = EpsFromV(v_oracle, s)
+    x_t = s.add_noise(z, torch.randn(3, 4, 4, 4, generator=gen(2)), torch.tensor([5, 500, 990]))
+    t = torch.tensor([5, 500, 990])
+    out = net(torch.cat([x_t, c], 1), t)
+    assert out.shape == (3, 8, 4, 4) and torch.all(out[:, 4:] == 7.0)       # extra channels pass through
+    assert torch.allclose(out[:, :4], s.predict_eps(x_t, z, t), atol=1e-4)
+
+
+def test_eps_model_dispatch(schedules):
+    net = UNetModel(8, 4, model_channels=32, channel_mult=(1,), num_res_blocks=1, attention_resolutions=(),
+                    num_heads=1)
+    s = schedules["scaled_linear"]
+    assert eps_model(net, s, "epsilon") is net
+    wrapped = eps_model(net, s, "v")
+    assert isinstance(wrapped, EpsFromV) and wrapped.net is net
+    assert [id(p) for p in wrapped.parameters()] == [id(p) for p in net.parameters()]   # none of its own
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        eps_model(net, s, "x0")
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        training_loss(net, s, torch.zeros(1, 4, 4, 4), torch.zeros(1, 4, 4, 4), DiffusionConfig(prediction="x0"))

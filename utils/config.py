@@ -145,6 +145,7 @@ class DiffusionConfig:
     beta_end: float = 0.012
     offset_noise: float = 0.1         # 0 turns offset noise off
     cond_mode: Literal["clean", "bug_compatible", "scaled_consistent"] = "clean"
+    prediction: Literal["epsilon", "v"] = "epsilon"   # what the UNet predicts; the papers: epsilon
 
 
 @dataclass
