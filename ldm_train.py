@@ -113,7 +113,8 @@ def sample_grid(path: Path, unet, vqgan, schedule, val_set: TensorDataset, cfg, 
     """Sample up to 4 val cases with the configured sampler; grid rows CXR | prediction | target."""
     z_bs, z_cxr = (t[:4].to(device) for t in val_set.tensors)
     g = torch.Generator(device="cpu").manual_seed(cfg.sampler.seed)
-    z_pred = suppress_latents(eps_model(unet, schedule, cfg.diffusion.prediction), schedule, z_cxr, cfg.sampler, cfg.diffusion.cond_mode, generator=g)
+    z_pred = suppress_latents(eps_model(unet, schedule, cfg.diffusion.prediction), schedule, z_cxr, cfg.sampler,
+                              cfg.diffusion.cond_mode, generator=g)
     cols = [vqgan.decode(z).clamp(-1, 1).cpu() for z in (z_cxr, z_pred, z_bs)]
     save_grid(path, cols)
 

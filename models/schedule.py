@@ -195,7 +195,6 @@ class NoiseSchedule:
         return ((x_t - self._gather("sqrt_alphas_cumprod", t, x_t) * x0)
                 / self._gather("sqrt_one_minus_alphas_cumprod", t, x_t))
 
-
     def v_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
         """v = √ᾱ_t·noise − √(1−ᾱ_t)·x0, the v-prediction target; shapes as in :meth:`add_noise`."""
         return (self._gather("sqrt_alphas_cumprod", t, x0) * noise
