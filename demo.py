@@ -11,8 +11,9 @@ Stages, each the real script's ``main`` with ``configs/demo.yaml`` (no shortcut 
     3. diffusion   ldm_train.py (the teacher)
     4. distill     ldm_train.py with configs/distill.yaml (+ configs/demo-distill.yaml)
     5. inference   ldm_eval.py on the test split: global + local paths, LEG, Poisson fusion, 4 LCM steps;
-                   the teacher with 50 LCM steps too, to measure what distillation costs in quality
-    6. metrics     metrics.py for the student, the teacher and the identity baseline (prediction = CXR)
+                   the teacher too, with 50 LCM steps (GL-LCM's sampler) and 50 DDIM steps (the ODE
+                   solution the student is distilled towards), to measure what distillation costs
+    6. metrics     metrics.py for the student, both teacher runs and the identity baseline (prediction = CXR)
     7. benchmark   benchmark.py at the demo size
     8. report      report.py -> <out>/report.html (open it in a browser; no server needed)
 
@@ -73,16 +74,18 @@ def main(out: str | Path = "runs/demo", overrides: tuple[str, ...] = (), progres
         ecfg = ldm_eval.config_for(ldm_eval.build_parser().parse_args(["--ckpt", str(ckpt), *_set_args(overrides)]))
         ldm_eval.main(ecfg, ckpt, split="test", out_dir=pred, overwrite=True, progress=progress)
         teacher_ckpt = teacher_run / "checkpoints" / "best.pt"
-        teacher_pred = teacher_run / "eval" / "test"
-        tcfg = ldm_eval.config_for(ldm_eval.build_parser().parse_args(
-            ["--ckpt", str(teacher_ckpt), "--sampler", "lcm", "--steps", "50", *_set_args(overrides)]))
-        ldm_eval.main(tcfg, teacher_ckpt, split="test", out_dir=teacher_pred, overwrite=True, progress=progress)
+        teacher_preds = {name: teacher_run / "eval" / f"test-{name}50" for name in ("lcm", "ddim")}
+        for name, teacher_pred in teacher_preds.items():
+            tcfg = ldm_eval.config_for(ldm_eval.build_parser().parse_args(
+                ["--ckpt", str(teacher_ckpt), "--sampler", name, "--steps", "50", *_set_args(overrides)]))
+            ldm_eval.main(tcfg, teacher_ckpt, split="test", out_dir=teacher_pred, overwrite=True, progress=progress)
     root = Path(cfg.data.root)
     test_list = root / f"{cfg.data.name}_testset.txt"
     mdir = out / "metrics"
     with stage("6 metrics"):
         common = ["--cxr", str(root / "CXR"), "--gt", str(root / "BS"), "--list", str(test_list)]
-        for label, pred_dir in (("model", pred), ("teacher", teacher_pred), ("identity", root / "CXR")):
+        for label, pred_dir in (("model", pred), ("teacher", teacher_preds["lcm"]),
+                                ("teacher_ddim", teacher_preds["ddim"]), ("identity", root / "CXR")):
             for mode in ("corrected", "faithful"):
                 extra = ["--native"] if mode == "corrected" else []
                 with contextlib.redirect_stdout(io.StringIO()):
@@ -92,12 +95,13 @@ def main(out: str | Path = "runs/demo", overrides: tuple[str, ...] = (), progres
         bench_json = out / "benchmark.json"
         load_script("benchmark.py").main("quick" if extra_configs else "demo", max_steps=bench_max_steps,
                                          out=bench_json)
-    summaries = {label: json.loads((mdir / label / "metrics_corrected_native.json").read_text())
-                 for label in ("model", "teacher", "identity")}
+    labels = ("model", "teacher_ddim", "teacher", "identity")
+    summaries = {label: json.loads((mdir / label / "metrics_corrected_native.json").read_text()) for label in labels}
     with stage("8 report"):
         html_path = report_script.main(
             root, pred, test_list, out / "report.html",
             metrics={"model (distilled, 4 steps, global-local)": mdir / "model" / "metrics_corrected_native.json",
+                     "teacher (50 DDIM steps, global-local)": mdir / "teacher_ddim" / "metrics_corrected_native.json",
                      "teacher (50 LCM steps, global-local)": mdir / "teacher" / "metrics_corrected_native.json",
                      "identity (prediction = CXR)": mdir / "identity" / "metrics_corrected_native.json"},
             benchmark=bench_json,
@@ -110,13 +114,12 @@ def main(out: str | Path = "runs/demo", overrides: tuple[str, ...] = (), progres
                "predictions": str(pred), "report": str(html_path), "seconds": times,
                "metrics": {label: {k: v for k, v in s["metrics"].items()} for label, s in summaries.items()}}
     atomic_write_text(out / "demo_summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
-    cols = ("model", "teacher", "identity")
-    print("\n| test split (corrected, native) | student, 4 steps | teacher, 50 steps | identity (CXR) |\n"
-          "|---|---|---|---|")
+    print("\n| test split (corrected, native) | student, 4 LCM steps | teacher, 50 DDIM steps | teacher, 50 LCM steps "
+          "| identity (CXR) |\n|---|---|---|---|---|")
     for key, label, scale in (("bsr_sym", "BSR, symmetric (%)", 100), ("psnr", "PSNR (dB)", 1),
                               ("mse", "MSE (10⁻³)", 1000), ("ssim", "SSIM", 1)):
         cells = [f"{summary['metrics'][c][key]['mean'] * scale:.3f} ± {summary['metrics'][c][key]['std'] * scale:.3f}"
-                 for c in cols]
+                 for c in labels]
         print(f"| {label} | " + " | ".join(cells) + " |")
     print(f"\nreport: {html_path}   total {sum(times.values()):.0f} s")
     return summary
