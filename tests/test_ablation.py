@@ -28,8 +28,11 @@ def models(tmp_path_factory):
     base = tmp_path_factory.mktemp("ablation")
     root = tiny_dataset(base / "ds")
     vq = load_script("vq-gan_train.py").main(smoke_config(root, base / "runs", "vq_train.epochs=1"), progress=False)
+    # ε-prediction (the papers'; the demo config predicts v): after one epoch its x̂0 lies far outside
+    # the clip range, so the TAT rows below differ visibly (a v-model's x̂0 stays inside it).
     run = load_script("ldm_train.py").main(
-        smoke_config(root, base / "runs", f"ldm_train.vqgan_ckpt={vq}/checkpoints/best.pt", "ldm_train.epochs=1"),
+        smoke_config(root, base / "runs", f"ldm_train.vqgan_ckpt={vq}/checkpoints/best.pt", "ldm_train.epochs=1",
+                     "diffusion.prediction=epsilon"),
         progress=False)
     ckpt = run / "checkpoints" / "best.pt"
     raw = load_checkpoint(ckpt)
