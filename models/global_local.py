@@ -35,8 +35,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from models.inference import LATENT_CHANNELS
-from models.samplers import StepOutput, clip_ranges, sample_timesteps, sampler_step
+from models.inference import LATENT_CHANNELS, tat_ranges
+from models.samplers import StepOutput, sample_timesteps, sampler_step
 from models.schedule import NoiseSchedule, model_input_sample, randn
 
 __all__ = ["LEG_MODES", "local_enhanced_guidance", "dual_path_sample", "sequential_dual_path_sample"]
@@ -190,11 +190,9 @@ def dual_path_sample(unet: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     timesteps = sample_timesteps(sampler_cfg.name, sampler_cfg.steps, schedule.num_train_timesteps,
                                  original_steps)
     n = len(timesteps)
-    if sampler_cfg.clip:
-        ranges_g = clip_ranges(sampler_cfg.clip_r0_global, sampler_cfg.clip_kappa, n, sampler_cfg.clip_off_by_one)
-        ranges_l = clip_ranges(sampler_cfg.clip_r0_local, sampler_cfg.clip_kappa, n, sampler_cfg.clip_off_by_one)
-    else:
-        ranges_g = ranges_l = [None] * n
+    T = schedule.num_train_timesteps
+    ranges_g = tat_ranges(sampler_cfg, sampler_cfg.clip_r0_global, T, original_steps) or [None] * n
+    ranges_l = tat_ranges(sampler_cfg, sampler_cfg.clip_r0_local, T, original_steps) or [None] * n
 
     if x_T is None:
         x_T = randn(shape, generators_global, device)

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from models.samplers import clip_ranges, sample, sample_timesteps
+from models.samplers import clip_ranges, clip_ranges_by_time, sample, sample_timesteps
 from models.schedule import NoiseSchedule, model_input_sample
 
 LATENT_CHANNELS = 4
@@ -29,12 +29,22 @@ def make_denoiser(unet: torch.nn.Module, schedule: NoiseSchedule, cond: torch.Te
     return denoise_fn
 
 
-def tat_ranges(sampler_cfg, r0: float) -> list[float] | None:
-    """Temporal adaptive thresholding ranges for the configured sampler, or None when clipping is off."""
+def tat_ranges(sampler_cfg, r0: float, num_train_timesteps: int = 1000, original_steps: int = 50
+               ) -> list[float] | None:
+    """Temporal adaptive thresholding ranges for the configured sampler, or None when clipping is off.
+
+    ``sampler.clip_index``: ``step`` (the papers, r_j = r0 + κ·j, BS-LDM's off-by-one optional) or
+    ``time`` (:func:`models.samplers.clip_ranges_by_time`: the range the 50-step run has at the same
+    timestep, so a few-step run is not clipped tighter than the many-step one).
+    """
     if not sampler_cfg.clip:
         return None
-    n = len(sample_timesteps(sampler_cfg.name, sampler_cfg.steps))
-    return clip_ranges(r0, sampler_cfg.clip_kappa, n, sampler_cfg.clip_off_by_one)
+    timesteps = sample_timesteps(sampler_cfg.name, sampler_cfg.steps, num_train_timesteps, original_steps)
+    if getattr(sampler_cfg, "clip_index", "step") == "time":
+        if sampler_cfg.clip_off_by_one:
+            raise ValueError("sampler.clip_off_by_one applies to step-indexed ranges (clip_index: step) only")
+        return clip_ranges_by_time(r0, sampler_cfg.clip_kappa, timesteps, num_train_timesteps, original_steps)
+    return clip_ranges(r0, sampler_cfg.clip_kappa, len(timesteps), sampler_cfg.clip_off_by_one)
 
 
 @torch.no_grad()

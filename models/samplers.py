@@ -24,7 +24,7 @@ import torch
 
 from models.schedule import NoiseSchedule, randn
 
-__all__ = ["StepOutput", "timesteps_ddpm", "timesteps_ddim", "timesteps_lcm", "clip_ranges",
+__all__ = ["StepOutput", "timesteps_ddpm", "timesteps_ddim", "timesteps_lcm", "clip_ranges", "clip_ranges_by_time",
            "consistency_scalings", "ddpm_step", "ddim_step", "lcm_step", "sampler_step", "sample_timesteps", "sample",
            "SAMPLERS"]
 
@@ -103,6 +103,20 @@ def clip_ranges(r0: float, kappa: float, n_steps: int, off_by_one: bool = False)
     if n_steps < 1:
         raise ValueError(f"n_steps must be >= 1, got {n_steps}")
     return [r0 + kappa * (max(j - 1, 0) if off_by_one else j) for j in range(n_steps)]
+
+
+def clip_ranges_by_time(r0: float, kappa: float, timesteps: Sequence[int], num_train_timesteps: int = 1000,
+                        original_steps: int = 50) -> list[float]:
+    """TAT ranges indexed by timestep: r(t) = r0 + κ·(T − 1 − t)·N/T, the range a run on the N-point
+    grid (N = ``original_steps``, GL-LCM's 50) uses at timestep t.
+
+    On the 50-point grid this equals :func:`clip_ranges` (999, 979, … → r0, r0 + κ, …). With fewer
+    steps the step-indexed ranges end tight (4 LCM steps: 2.0 → 2.075 for r0 = 2, κ = 0.025) while
+    these reach what the 50-step run reaches at the same noise level (999, 759, 499, 259 → 2.0, 2.3,
+    2.625, 2.925). An option of this project (``sampler.clip_index: time``); the papers index by step.
+    """
+    T, N = num_train_timesteps, original_steps
+    return [r0 + kappa * (T - 1 - int(t)) * N / T for t in timesteps]
 
 
 def consistency_scalings(t: torch.Tensor | float, sigma_data: float = 0.5,

@@ -271,3 +271,47 @@ def test_per_sample_generators_make_samples_batch_independent():
         torch.testing.assert_close(batch[1:2], alone, rtol=0, atol=0)
     with pytest.raises(ValueError, match="2 generators for a batch of 3"):
         sample(denoise, schedule, (3, 4, 8, 8), "lcm", 2, generator=gens()[:2])
+
+
+# --------------------------------------------------------------------------------------------------
+# Timestep-indexed TAT (sampler.clip_index: time)
+# --------------------------------------------------------------------------------------------------
+
+def test_clip_ranges_by_time():
+    from models.samplers import clip_ranges_by_time, timesteps_lcm
+
+    grid50 = timesteps_lcm(50)
+    # On the 50-point grid: the step-indexed ranges exactly.
+    assert clip_ranges_by_time(2.0, 0.025, grid50) == pytest.approx(clip_ranges(2.0, 0.025, 50))
+    # 4 LCM steps: the ranges the 50-step run has at 999, 759, 499, 259 (not 2.0 ... 2.075).
+    assert clip_ranges_by_time(2.0, 0.025, timesteps_lcm(4)) == pytest.approx([2.0, 2.3, 2.625, 2.925])
+    assert clip_ranges(2.0, 0.025, 4)[-1] == pytest.approx(2.075)
+
+
+def test_tat_ranges_dispatch_and_dual_path_clip():
+    from types import SimpleNamespace
+
+    from models.global_local import dual_path_sample
+    from models.inference import tat_ranges
+
+    cfg = SimpleNamespace(name="lcm", steps=4, eta=0.0, clip=True, clip_r0_global=0.5, clip_r0_local=0.7,
+                          clip_kappa=0.025, clip_off_by_one=False, clip_index="time")
+    assert tat_ranges(cfg, 0.5) == pytest.approx([0.5, 0.8, 1.125, 1.425])
+    cfg.clip_index = "step"
+    assert tat_ranges(cfg, 0.5) == pytest.approx([0.5, 0.525, 0.55, 0.575])
+    cfg.clip = False
+    assert tat_ranges(cfg, 0.5) is None
+    cfg.clip, cfg.clip_index, cfg.clip_off_by_one = True, "time", True
+    with pytest.raises(ValueError, match="clip_off_by_one"):
+        tat_ranges(cfg, 0.5)
+    # The dual path clips each path's x̂0 with its own time-indexed ranges.
+    cfg.clip_off_by_one = False
+    net = lambda x, t: 30 * torch.randn(x.shape[0], 4, *x.shape[2:], generator=torch.Generator().manual_seed(0))  # noqa: E731
+    seen = []
+    gl = SimpleNamespace(leg_mode="none", alpha=3.0, leg_std_channels=4)
+    c = torch.zeros(2, 4, 4, 4)
+    dual_path_sample(net, NoiseSchedule(1000, "scaled_linear"), c, c, cfg, gl, "clean",
+                     torch.Generator().manual_seed(1), torch.Generator().manual_seed(2),
+                     callback=lambda j, t, g, l: seen.append((g.pred_x0.abs().max().item(), l.pred_x0.abs().max().item())))
+    assert [g for g, _ in seen] == pytest.approx([0.5, 0.8, 1.125, 1.425])
+    assert [l for _, l in seen] == pytest.approx([0.7, 1.0, 1.325, 1.625])

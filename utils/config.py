@@ -193,6 +193,7 @@ class SamplerConfig:
     clip_r0_local: float = 3.5
     clip_kappa: float = 0.025
     clip_off_by_one: bool = False     # BS-LDM's repeated first range (§7.16), for bit-compatibility
+    clip_index: Literal["step", "time"] = "step"   # time: r at t as in a 50-step run (few-step sampling)
     seed: int = 42
 
 
