@@ -47,7 +47,7 @@ from data.datasets import PairedDataset, split_list
 from data.io import ImageError
 from models import load_vqgan
 from models.schedule import build_schedule, offset_noise, randn
-from utils.atomic import atomic_write, atomic_write_text
+from utils.atomic import atomic_write, atomic_write_text, json_nulls
 from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.config import ConfigError, config_from_dict
 from utils.dist import resolve_device
@@ -399,21 +399,10 @@ def main(ckpt: str | Path, out_dir: str | Path | None = None, split: str = "test
                           "plain_measured": float(means_plain.var()), "offset_measured": float(means_offset.var())},
         "figures": ["psd.png", "frequency_noise.png", "band_snr.png", "offset_noise.png"],
     }
-    atomic_write_text(out / "analysis.json", json.dumps(_finite(summary), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(out / "analysis.json", json.dumps(json_nulls(summary), indent=2, allow_nan=False) + "\n")
     print(f"{len(names)} images, latents {tuple(latents.shape[1:])}: PSD slopes "
           + ", ".join(f"{k} {v:.2f}" for k, v in slopes.items()) + f" -> {out}")
     return summary
-
-
-def _finite(x):
-    """JSON has no NaN/Inf (a flat-zero PSD has no slope; SNR at ᾱ = 1 is infinite): write them as null."""
-    if isinstance(x, float) and not np.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_finite(v) for v in x]
-    return x
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -56,7 +56,7 @@ import numpy as np
 
 from data.io import ImageError, is_image_file, read_image, write_png
 from data.splits import read_list
-from utils.atomic import atomic_write_text
+from utils.atomic import atomic_write_text, json_nulls
 
 KEY_FORMAT = "reader-study-key/1"
 SIDES = ("L", "R")
@@ -524,20 +524,10 @@ def aggregate(key_path: str | Path, sheets: list[str | Path], out_dir: str | Pat
           "" if e["lesion"] is None else ("yes" if e["lesion"] else "no"), e["lesion_location"], e["notes"],
           e["file"], e["row"]] for e in entries]))
     # JSON has no NaN: undefined values (no answers, no lesions) are written as null.
-    atomic_write_text(out / "summary.json", json.dumps(_no_nan(summary), indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(out / "summary.json", json.dumps(json_nulls(summary), indent=2, ensure_ascii=False) + "\n")
     print("\n".join(docs))
     print(f"wrote {out}")
     return summary
-
-
-def _no_nan(x):
-    if isinstance(x, float) and math.isnan(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _no_nan(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_no_nan(v) for v in x]
-    return x
 
 
 # --------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ truncated mix, because ``os.replace`` is atomic within one filesystem.
 """
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -48,3 +49,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any], *inputs: 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a UTF-8 text file atomically."""
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def json_nulls(x: Any) -> Any:
+    """``x`` with every non-finite float (NaN, ±Inf) replaced by None, through dicts and lists.
+
+    JSON has no NaN or Infinity; undefined figures (no answers, a flat spectrum's slope, the SNR at
+    ᾱ = 1) are written as null so the file stays valid JSON for every reader.
+    """
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: json_nulls(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [json_nulls(v) for v in x]
+    return x
