@@ -55,9 +55,10 @@ import numpy as np
 from data.datasets import BS, CXR, MASK, split_list, split_location
 from data.io import ImageError, read_image
 from data.splits import list_paths, read_list
-from utils.atomic import atomic_write, atomic_write_text
+from utils.atomic import atomic_write_text
 from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.config import ConfigError
+from utils.logging import pyplot, save_figure
 from utils.scripts import load_script
 
 TABLES = ("offset_tat", "guidance", "fusion", "sampler")
@@ -343,11 +344,7 @@ def plot_histograms(rows: list[Row], path: Path, bins: int = 64) -> dict[str, fl
 
     Returns {row label: histogram overlap}.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     edges = np.linspace(0.0, 1.0, bins + 1)
     fig, axes = plt.subplots(1, len(rows), figsize=(3.6 * len(rows), 3.2), squeeze=False, sharey=True)
     overlaps = {}
@@ -367,10 +364,7 @@ def plot_histograms(rows: list[Row], path: Path, bins: int = 64) -> dict[str, fl
         ax.set_xlabel("intensity [0, 1]")
     axes[0, 0].set_ylabel("density")
     axes[0, 0].legend(fontsize=8)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(buf.getvalue()))
+    save_figure(fig, path, dpi=110, bbox_inches="tight")
     return overlaps
 
 

@@ -47,10 +47,11 @@ from data.datasets import PairedDataset, split_list
 from data.io import ImageError
 from models import load_vqgan
 from models.schedule import build_schedule, offset_noise, randn
-from utils.atomic import atomic_write, atomic_write_text, json_nulls
+from utils.atomic import atomic_write_text, json_nulls
 from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.config import ConfigError, config_from_dict
 from utils.dist import resolve_device
+from utils.logging import pyplot, save_figure
 
 DEFAULT_TIMESTEPS = (200, 500, 800)
 
@@ -193,26 +194,14 @@ def encode(vqgan, images: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
 # Figures
 # --------------------------------------------------------------------------------------------------
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")   # files only; never open a window
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _save(fig, path: Path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    _pyplot().close(fig)
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(buf.getvalue()))
+    save_figure(fig, path, dpi=110, bbox_inches="tight")
 
 
 def plot_psd(curves: dict[str, tuple[np.ndarray, np.ndarray]], slopes: dict[str, float], path: Path,
              title: str = "") -> None:
     """One log-log figure of the radially averaged PSDs (label -> (frequencies, psd))."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     for (label, (f, p)), style in zip(curves.items(), ("-", "--", ":", "-.")):
         ax.loglog(f, p, style, lw=2, label=f"{label} (slope {slopes[label]:.2f})")
@@ -227,7 +216,7 @@ def plot_psd(curves: dict[str, tuple[np.ndarray, np.ndarray]], slopes: dict[str,
 def plot_frequency_noise(x0: torch.Tensor, noise: torch.Tensor, schedule, timesteps: list[int], cutoff: float,
                          path: Path) -> None:
     """Rows x_t / low-pass / high-pass, columns clean and each timestep, for one (h, w) latent channel."""
-    plt = _pyplot()
+    plt = pyplot()
     cols = [("clean x0", x0)] + [
         (f"t = {t}  (√ᾱ = {float(schedule.sqrt_alphas_cumprod[t]):.3f})", schedule.add_noise(x0[None, None], noise[None, None], t)[0, 0])
         for t in timesteps]
@@ -257,7 +246,7 @@ def plot_band_snr(snr_plain: dict[str, np.ndarray], snr_offset: dict[str, np.nda
                   path: Path) -> None:
     """SNR of the DC, low and high bands against t, plain noise (solid) and offset noise (dashed; drawn
     for the bands it changes, i.e. DC)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     t = np.arange(len(next(iter(snr_plain.values()))))
     for (band, s), colour in zip(snr_plain.items(), ("C3", "C0", "C2")):
@@ -276,7 +265,7 @@ def plot_band_snr(snr_plain: dict[str, np.ndarray], snr_offset: dict[str, np.nda
 def plot_offset_noise(eps: torch.Tensor, off: torch.Tensor, means_plain: np.ndarray, means_offset: np.ndarray,
                       coefficient: float, path: Path) -> None:
     """Rows = latent channels; columns ε, c·δ, ε + c·δ, then the spread of the per-channel means."""
-    plt = _pyplot()
+    plt = pyplot()
     channels = eps.shape[0]
     const = off - eps     # c·δ broadcast to (h, w): what offset_noise added on top of ε
     fig = plt.figure(figsize=(11, 2.2 * channels))

@@ -69,12 +69,25 @@ class CSVLogger:
         self.rows = [r for r in self.rows if int(float(r.get("step", 0))) <= step]
 
 
-def plot_curves(csv_path: str | Path, png_path: str | Path, keys: list[str] | None = None, title: str = "") -> None:
-    """Plot numeric columns of a CSV log against ``step`` (log-scaled y where positive)."""
+def pyplot():
+    """matplotlib.pyplot on the Agg backend: figures go to files only, no window is ever opened."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | Path, **savefig_kwargs) -> None:
+    """Write ``fig`` as a PNG atomically and close it (``savefig_kwargs``: e.g. dpi, bbox_inches)."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", **savefig_kwargs))
+    pyplot().close(fig)
+
+
+def plot_curves(csv_path: str | Path, png_path: str | Path, keys: list[str] | None = None, title: str = "") -> None:
+    """Plot numeric columns of a CSV log against ``step`` (log-scaled y where positive)."""
+    plt = pyplot()
 
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -93,8 +106,7 @@ def plot_curves(csv_path: str | Path, png_path: str | Path, keys: list[str] | No
     ax.legend(fontsize=8)
     ax.set_title(title)
     fig.tight_layout()
-    atomic_write(png_path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
+    save_figure(fig, png_path)
 
 
 def save_grid(path: str | Path, columns: list[torch.Tensor], value_range: tuple[float, float] = (-1.0, 1.0)) -> None:
