@@ -253,13 +253,13 @@ def execute(run: Run, modes, native: bool, lung: bool, batch_size: int, overwrit
     import metrics as metrics_script
 
     ldm_eval = load_script("ldm_eval.py")
-    record = run.folder / "run.json"
-    previous = json.loads(record.read_text()) if record.is_file() and not overwrite else {}
     t0 = time.perf_counter()
     summary = ldm_eval.main(run.cfg, run.ckpt, split=run.split, out_dir=run.folder / "pred", batch_size=batch_size,
                             overwrite=overwrite, masks_dir=masks_dir, progress=progress)
-    # A resumed run writes nothing and reports 0 s per image: keep the timing of the run that wrote them.
-    per_image = summary["seconds_per_image"] if summary["written"] else previous.get("seconds_per_image")
+    # A resumed run writes nothing and reports 0 s per image; ldm_eval.py then keeps the timing.json of
+    # the run that wrote the images, so that file holds the timing either way.
+    timing = run.folder / "pred" / "timing.json"
+    per_image = json.loads(timing.read_text())["seconds_per_image"] if timing.is_file() else None
     result = {"sets": list(run.sets), "folder": str(run.folder), "eval_failures": summary["failures"],
               "seconds_per_image": per_image, "eval_seconds": time.perf_counter() - t0, "metrics": {}, "status": {}}
     for mode in modes:
@@ -271,7 +271,7 @@ def execute(run: Run, modes, native: bool, lung: bool, batch_size: int, overwrit
         result["status"][mode] = status
         report = run.folder / "metrics" / f"metrics_{tag}.json"
         result["metrics"][mode] = json.loads(report.read_text()) if report.is_file() else None
-    atomic_write_text(record, json.dumps(result, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(run.folder / "run.json", json.dumps(result, indent=2, allow_nan=False) + "\n")
     return result
 
 
