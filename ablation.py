@@ -22,6 +22,11 @@ Tables (``--tables``, default all), in the format of the papers (mean ± populat
                 alpha, poisson. AE fusion is not implemented (§5.4).
 ``sampler``     ``sampler.name`` × ``sampler.steps`` (``--samplers``, ``--steps``), with seconds per image.
 
+Every table ends with two baseline rows scored on the same images: the tone curve (one global
+lookup table CXR -> soft tissue, fitted on the train split) and the identity (prediction = CXR).
+In corrected mode the columns include the high-pass BSR (σ = width/32, width/64), the score a
+tone change cannot raise.
+
 The inference-time tables use the first checkpoint. Every row is ``ldm_eval.main`` with the row's
 ``--set`` overrides on top of the checkpoint's config and the common ``--set`` items, then
 ``metrics.main`` on its outputs, once per ``--metrics`` mode (faithful: the published metrics at
@@ -275,6 +280,40 @@ def execute(run: Run, modes, native: bool, lung: bool, batch_size: int, overwrit
     return result
 
 
+def score_baselines(run0: Run, train_names: list[str], work: Path, modes, native: bool, lung: bool) -> list[Run]:
+    """The two rows every table ends with, scored on the same images as the model's rows:
+    the tone curve (one global lookup table CXR -> soft tissue fitted on the train split, see
+    ``models.tone_curve``) and the identity (prediction = CXR). A row that does not beat the
+    tone curve, above all on the high-pass BSR, has not removed bones."""
+    import metrics as metrics_script
+    from models.tone_curve import fit_from_folders, write_tone_predictions
+
+    names = read_list(run0.list_file)
+    curve = fit_from_folders(run0.root / CXR, run0.root / BS, train_names)
+    tone = write_tone_predictions(curve, run0.root / CXR, names, work / "baselines" / "tone-curve" / "pred")
+    runs = []
+    for key, pred in (("tone-curve", tone), ("identity", run0.root / CXR)):
+        run = Run(key, key, "", (), run0.cfg, work / "baselines" / key, run0.list_file, run0.root, run0.split,
+                  {"metrics": {}, "status": {}})
+        for mode in modes:
+            argv = metrics_argv(run, mode, native, lung)
+            argv[argv.index("--pred") + 1] = str(pred)
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                run.result["status"][mode] = metrics_script.main(argv)
+            tag = mode + ("_native" if mode == "corrected" and native else "")
+            run.result["metrics"][mode] = json.loads((run.folder / "metrics" / f"metrics_{tag}.json").read_text())
+        runs.append(run)
+    return runs
+
+
+def baseline_rows(table_rows: list[Row], baselines: list[Run]) -> list[Row]:
+    """Rows for the baselines with the table's leading columns: the label first, '–' elsewhere."""
+    lead = list(table_rows[0].cells)
+    labels = {"tone-curve": "tone curve (baseline)", "identity": "identity (CXR, baseline)"}
+    return [Row(table_rows[0].table, b.model, "", (), {k: (labels[b.key] if i == 0 else "–") for i, k in enumerate(lead)},
+                b) for b in baselines]
+
+
 # --------------------------------------------------------------------------------------------------
 # Tables and figures
 # --------------------------------------------------------------------------------------------------
@@ -423,9 +462,13 @@ def main(ckpts: list[str] | dict[str, str], out_dir: str | Path, split: str = "t
     docs, by_table = {}, {}
     for row in rows:
         by_table.setdefault(row.table, []).append(row)
+    ldm_eval = load_script("ldm_eval.py")
+    train_names = split_list(ldm_eval.config_for(_eval_args(ldm_eval, runs[0].ckpt, split, overrides)).data, "train")
+    baselines = score_baselines(runs[0], train_names, work, modes, native, lung)
     extras = {}
     for table, trs in by_table.items():
         reports = trs[0].run.result["metrics"]
+        with_baselines = trs + baseline_rows(trs, baselines)
         parts = [f"## {TITLES[table]}", ""]
         models = sorted({r.model for r in trs})
         parts.append(f"Model(s): {', '.join(f'`{m}` ({ckpts[m]})' for m in models)}; {split} split"
@@ -434,7 +477,7 @@ def main(ckpts: list[str] | dict[str, str], out_dir: str | Path, split: str = "t
         for mode in modes:
             size = (reports.get(mode) or {}).get("size", "")
             parts += ["", f"**{mode} metrics{', ' + size if size else ''}** (mean ± population std)", "",
-                      table_markdown(trs, mode)]
+                      table_markdown(with_baselines, mode)]
         if table == "offset_tat":
             try:
                 extras["histogram_overlap"] = plot_histograms(trs, out / "figures" / "offset_tat_histograms.png")
@@ -446,7 +489,7 @@ def main(ckpts: list[str] | dict[str, str], out_dir: str | Path, split: str = "t
                 print(f"ablation.py: histograms not drawn: {e}", file=sys.stderr)
         docs[table] = "\n".join(parts) + "\n"
         atomic_write_text(out / "tables" / f"{table}.md", docs[table])
-        atomic_write_text(out / "tables" / f"{table}.csv", table_csv(trs, modes))
+        atomic_write_text(out / "tables" / f"{table}.csv", table_csv(with_baselines, modes))
     atomic_write_text(out / "ablation.md", "# Ablations\n\n" + "\n".join(docs.values()))
     results = {"checkpoints": ckpts, "split": split, "limit": limit, "overrides": list(overrides), "modes": list(modes),
                "rows": [{"table": r.table, "cells": r.cells, "model": r.model, "overrides": list(r.overrides),

@@ -7,13 +7,17 @@ Usage:
 Stages, each the real script's ``main`` with ``configs/demo.yaml`` (no shortcut code path):
 
     1. data        dataSegmentation.py --synthetic: phantom pairs, lung masks, masked copies, split
-    2. vqgan       vq-gan_train.py
+    2. vqgan       vq-gan_train.py; then its ceiling: the true soft-tissue latent of every test image
+                   decoded and sent through the output path (what a perfect diffusion model would give)
     3. diffusion   ldm_train.py (the teacher)
     4. distill     ldm_train.py with configs/distill.yaml (+ configs/demo-distill.yaml)
     5. inference   ldm_eval.py on the test split: global + local paths, LEG, Poisson fusion, 4 LCM steps;
                    the teacher too, with 50 LCM steps (GL-LCM's sampler) and 50 DDIM steps (the ODE
                    solution the student is distilled towards), to measure what distillation costs
-    6. metrics     metrics.py for the student, both teacher runs and the identity baseline (prediction = CXR)
+    6. metrics     the tone-curve baseline (one global lookup table CXR -> soft tissue fitted on the train
+                   split, ``models.tone_curve``), then metrics.py for the student, both teacher runs,
+                   the first-stage ceiling, the tone curve and the identity (prediction = CXR), with the
+                   band-limited BSR; the contrast of the phantoms' nodules before and after
     7. benchmark   benchmark.py at the demo size
     8. report      report.py -> <out>/report.html (open it in a browser; no server needed)
 
@@ -29,9 +33,16 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 import dataSegmentation
 import metrics as metrics_script
 import report as report_script
+from data.io import read_image, write_png
+from data.splits import read_list
+from models import load_vqgan
+from models.pipeline import first_stage_ceiling
+from models.tone_curve import fit_from_folders, write_tone_predictions
 from utils.atomic import atomic_write_text
 from utils.config import ConfigError, load_config
 from utils.scripts import load_script
@@ -57,8 +68,11 @@ def main(out: str | Path = "runs/demo", overrides: tuple[str, ...] = (), progres
 
     with stage("1 data: synthetic phantoms, masks, split"):
         dataSegmentation.main(cfg, synthetic=0, force=True, progress=progress)
+    root = Path(cfg.data.root)
+    test_list = root / f"{cfg.data.name}_testset.txt"
     with stage("2 VQGAN"):
         vq_run = load_script("vq-gan_train.py").main(cfg, progress=progress)
+        ceiling = write_ceiling(vq_run / "checkpoints" / "best.pt", cfg, root, read_list(test_list), out / "ceiling")
     ldm_train = load_script("ldm_train.py")
     with stage("3 latent diffusion (teacher)"):
         teacher_run = ldm_train.main(load_config(base, sets + [f"ldm_train.vqgan_ckpt={vq_run}/checkpoints/best.pt"]),
@@ -79,23 +93,26 @@ def main(out: str | Path = "runs/demo", overrides: tuple[str, ...] = (), progres
             tcfg = ldm_eval.config_for(ldm_eval.build_parser().parse_args(
                 ["--ckpt", str(teacher_ckpt), "--sampler", name, "--steps", "50", *_set_args(overrides)]))
             ldm_eval.main(tcfg, teacher_ckpt, split="test", out_dir=teacher_pred, overwrite=True, progress=progress)
-    root = Path(cfg.data.root)
-    test_list = root / f"{cfg.data.name}_testset.txt"
     mdir = out / "metrics"
-    with stage("6 metrics"):
+    with stage("6 baselines and metrics"):
+        tone = write_tone_predictions(
+            fit_from_folders(root / "CXR", root / "BS", read_list(root / f"{cfg.data.name}_trainset.txt")),
+            root / "CXR", read_list(test_list), out / "tone_curve")
         common = ["--cxr", str(root / "CXR"), "--gt", str(root / "BS"), "--list", str(test_list)]
-        for label, pred_dir in (("model", pred), ("teacher", teacher_preds["lcm"]),
-                                ("teacher_ddim", teacher_preds["ddim"]), ("identity", root / "CXR")):
-            for mode in ("corrected", "faithful"):
-                extra = ["--native"] if mode == "corrected" else []
+        preds = {"model": pred, "teacher": teacher_preds["lcm"], "teacher_ddim": teacher_preds["ddim"],
+                 "ceiling": ceiling, "tone": tone, "identity": root / "CXR"}
+        for label, pred_dir in preds.items():
+            for mode in ("corrected", "faithful") if label == "model" else ("corrected",):
+                extra = ["--native", "--mask", str(root / "Mask")] if mode == "corrected" else []
                 with contextlib.redirect_stdout(io.StringIO()):
                     metrics_script.main([*common, "--pred", str(pred_dir), "--mode", mode, *extra,
                                          "--out", str(mdir / label)])
+        nodules = nodule_contrasts(root, read_list(test_list), preds)
     with stage("7 benchmark"):
         bench_json = out / "benchmark.json"
         load_script("benchmark.py").main("quick" if extra_configs else "demo", max_steps=bench_max_steps,
                                          out=bench_json)
-    labels = ("model", "teacher_ddim", "teacher", "identity")
+    labels = ("model", "teacher_ddim", "teacher", "ceiling", "tone", "identity")
     summaries = {label: json.loads((mdir / label / "metrics_corrected_native.json").read_text()) for label in labels}
     with stage("8 report"):
         html_path = report_script.main(
@@ -103,6 +120,8 @@ def main(out: str | Path = "runs/demo", overrides: tuple[str, ...] = (), progres
             metrics={"model (distilled, 4 steps, global-local)": mdir / "model" / "metrics_corrected_native.json",
                      "teacher (50 DDIM steps, global-local)": mdir / "teacher_ddim" / "metrics_corrected_native.json",
                      "teacher (50 LCM steps, global-local)": mdir / "teacher" / "metrics_corrected_native.json",
+                     "first-stage ceiling (true latent decoded)": mdir / "ceiling" / "metrics_corrected_native.json",
+                     "tone curve (baseline)": mdir / "tone" / "metrics_corrected_native.json",
                      "identity (prediction = CXR)": mdir / "identity" / "metrics_corrected_native.json"},
             benchmark=bench_json,
             curves={"VQGAN": vq_run / "curves.png", "diffusion": teacher_run / "curves.png",
@@ -112,17 +131,56 @@ def main(out: str | Path = "runs/demo", overrides: tuple[str, ...] = (), progres
                    + ", ".join(f"{k.split(' ')[1]} {v:.0f}" for k, v in times.items())])
     summary = {"runs": {"vqgan": str(vq_run), "teacher": str(teacher_run), "student": str(student_run)},
                "predictions": str(pred), "report": str(html_path), "seconds": times,
-               "metrics": {label: {k: v for k, v in s["metrics"].items()} for label, s in summaries.items()}}
+               "metrics": {label: {k: v for k, v in s["metrics"].items()} for label, s in summaries.items()},
+               "nodule_contrast": nodules}
     atomic_write_text(out / "demo_summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
     print("\n| test split (corrected, native) | student, 4 LCM steps | teacher, 50 DDIM steps | teacher, 50 LCM steps "
-          "| identity (CXR) |\n|---|---|---|---|---|")
-    for key, label, scale in (("bsr_sym", "BSR, symmetric (%)", 100), ("psnr", "PSNR (dB)", 1),
-                              ("mse", "MSE (10⁻³)", 1000), ("ssim", "SSIM", 1)):
-        cells = [f"{summary['metrics'][c][key]['mean'] * scale:.3f} ± {summary['metrics'][c][key]['std'] * scale:.3f}"
+          "| first-stage ceiling | tone curve | identity (CXR) |\n|---|---|---|---|---|---|---|")
+    for key, label, scale in TABLE_ROWS:
+        cells = [f"{summary['metrics'][c][key]['mean'] * scale:.2f} ± {summary['metrics'][c][key]['std'] * scale:.2f}"
                  for c in labels]
         print(f"| {label} | " + " | ".join(cells) + " |")
+    if nodules["target"] is not None:
+        print(f"| nodule contrast (10⁻³; target {nodules['target'] * 1000:.1f}) | "
+              + " | ".join(f"{nodules[c] * 1000:.1f}" for c in labels) + " |")
     print(f"\nreport: {html_path}   total {sum(times.values()):.0f} s")
     return summary
+
+
+TABLE_ROWS = (("bsr_hp32", "BSR, high-pass σ = W/32 (%)", 100), ("bsr_hp64", "BSR, high-pass σ = W/64 (%)", 100),
+              ("bsr_hp32_lung", "BSR, high-pass σ = W/32, lungs (%)", 100), ("bsr_sym", "BSR, symmetric (%)", 100),
+              ("psnr", "PSNR (dB)", 1), ("mse", "MSE (10⁻³)", 1000), ("ssim", "SSIM", 1))
+
+
+def write_ceiling(vq_ckpt: Path, cfg, root: Path, names: list[str], out_dir: Path) -> Path:
+    """The first stage's own result for each named case (``models.pipeline.first_stage_ceiling``)."""
+    vqgan, _ = load_vqgan(vq_ckpt)
+    vqgan.eval()
+    for name in names:
+        cxr, soft = (read_image(root / d / name).pixels for d in ("CXR", "BS"))
+        write_png(out_dir / name, first_stage_ceiling(vqgan, cfg, cxr, soft), bit_depth=8)
+    return out_dir
+
+
+def nodule_contrasts(root: Path, names: list[str], preds: dict[str, Path]) -> dict[str, float | None]:
+    """Mean contrast (``metrics.nodule_contrast``) of the test split's phantom nodules in each image set.
+
+    Returns {"target": mean over the nodules in the soft-tissue target, label: mean in that
+    prediction folder, ...}: a model should keep the target's value (the lesions stay visible);
+    the identity column is the CXR, where bones and tone change it. None when no test case has a nodule.
+    """
+    import csv
+
+    listed = set(names)
+    with open(root / "nodules.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["name"] in listed]
+    if not rows:
+        return {k: None for k in ("target", *preds)}
+    out = {}
+    for label, folder in {"target": root / "BS", **preds}.items():
+        out[label] = float(np.nanmean([metrics_script.nodule_contrast(
+            read_image(folder / r["name"]).pixels, float(r["row"]), float(r["col"]), float(r["radius"])) for r in rows]))
+    return out
 
 
 class _Timer:

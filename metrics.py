@@ -24,8 +24,11 @@ Modes (method.md §6, §7 items 21-24):
                to 1024² (bilinear), BSR with a global mean shift and a one-sided residual, MSE on
                [0, 1], PSNR per image with peak 1, LPIPS (AlexNet v0.1) fed [0, 1] single-channel
                images without normalisation. The symmetric BSR is reported beside it.
-    corrected  symmetric BSR, LPIPS on [-1, 1], full bit depth; ``--mask`` adds scores inside the
-               lung mask, ``--native`` scores at native resolution instead of 1024².
+    corrected  symmetric BSR, band-limited symmetric BSR (bsr_hp32, bsr_hp64: the same ratio on
+               high-pass components x - G_sigma(x), sigma = width / 32 and width / 64, so tone
+               changes score 0 and only removed bone edges count), LPIPS on [-1, 1], full bit
+               depth; ``--mask`` adds scores inside the lung mask, ``--native`` scores at native
+               resolution instead of 1024².
 Both modes: SSIM (skimage, data_range 1, 7x7 uniform window) as an extra column; summaries are the
 mean and population std (ddof 0); an identical pair has PSNR = inf, excluded from the PSNR mean and
 std and counted as ``n_inf`` in the summary.
@@ -54,17 +57,24 @@ from utils.atomic import atomic_write_text
 REFERENCE_SIZE = 1024  # the reference resizes every image to 1024² before scoring
 MODES = ("faithful", "corrected")
 FAITHFUL_METRICS = ("bsr", "bsr_sym", "mse", "psnr", "ssim", "lpips")
-CORRECTED_METRICS = ("bsr_sym", "mse", "psnr", "ssim", "lpips")
-LUNG_METRICS = ("bsr_sym_lung", "mse_lung", "psnr_lung", "ssim_lung")
+# Band-limited symmetric BSR: the same ratio on high-pass components x - G_sigma(x), sigma = width / s.
+# Named by s so a band means the same anatomy at 256², 1024² and 2k (see band_bsr).
+BANDS = {"hp32": 32, "hp64": 64}
+CORRECTED_METRICS = ("bsr_sym", "bsr_hp32", "bsr_hp64", "mse", "psnr", "ssim", "lpips")
+LUNG_METRICS = ("bsr_sym_lung", "bsr_hp32_lung", "bsr_hp64_lung", "mse_lung", "psnr_lung", "ssim_lung")
 # Table label and display scale, as in the paper tables (BSR in %, MSE in 10⁻³).
 LABELS = {
     "bsr": ("BSR, published (%) ↑", 100.0),
     "bsr_sym": ("BSR, symmetric (%) ↑", 100.0),
+    "bsr_hp32": ("BSR, high-pass σ = W/32 (%) ↑", 100.0),
+    "bsr_hp64": ("BSR, high-pass σ = W/64 (%) ↑", 100.0),
     "mse": ("MSE (10⁻³) ↓", 1e3),
     "psnr": ("PSNR (dB) ↑", 1.0),
     "ssim": ("SSIM ↑", 1.0),
     "lpips": ("LPIPS ↓", 1.0),
     "bsr_sym_lung": ("BSR, symmetric, lungs (%) ↑", 100.0),
+    "bsr_hp32_lung": ("BSR, high-pass σ = W/32, lungs (%) ↑", 100.0),
+    "bsr_hp64_lung": ("BSR, high-pass σ = W/64, lungs (%) ↑", 100.0),
     "mse_lung": ("MSE, lungs (10⁻³) ↓", 1e3),
     "psnr_lung": ("PSNR, lungs (dB) ↑", 1.0),
     "ssim_lung": ("SSIM, lungs ↑", 1.0),
@@ -162,6 +172,106 @@ def bsr_symmetric(cxr: np.ndarray, gt: np.ndarray, pred: np.ndarray, mask: np.nd
     return 1.0 - num / denom if denom > 0 else math.nan
 
 
+def gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur of a (H, W) array with mirrored borders, exact for any sigma (pixels).
+
+    The image is mirrored (half-sample symmetric, as ``scipy.ndimage``'s "reflect") to (2H, 2W),
+    whose periodic convolution is then done in the Fourier domain with the Gaussian's transfer
+    function exp(-2 pi^2 sigma^2 f^2). So even a sigma of a quarter of the width costs one FFT and
+    never wraps the opposite border in. Returns float64 (H, W); sigma 0 returns the input.
+    """
+    x = np.asarray(x, np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"expected a (H, W) array, got shape {x.shape}")
+    if sigma < 0:
+        raise ValueError(f"sigma must be >= 0, got {sigma}")
+    if sigma == 0:
+        return x
+    h, w = x.shape
+    ext = np.concatenate([x, x[::-1]], axis=0)
+    ext = np.concatenate([ext, ext[:, ::-1]], axis=1)
+    fy = np.fft.fftfreq(2 * h)[:, None]
+    fx = np.fft.rfftfreq(2 * w)[None, :]
+    transfer = np.exp(-2.0 * np.pi**2 * sigma**2 * (fy**2 + fx**2))
+    return np.fft.irfft2(np.fft.rfft2(ext) * transfer, s=ext.shape)[:h, :w]
+
+
+def highpass(x: np.ndarray, scale: float) -> np.ndarray:
+    """x - G_sigma(x) with sigma = width / ``scale`` pixels (the band of :data:`BANDS` named by scale)."""
+    x = np.asarray(x, np.float64)
+    return x - gaussian_blur(x, x.shape[-1] / scale)
+
+
+def band_bsr(cxr: np.ndarray, gt: np.ndarray, pred: np.ndarray, scale: float,
+             mask: np.ndarray | None = None) -> float:
+    """Symmetric BSR of the high-pass components: 1 - Σ HP(pred - gt)² / Σ HP(cxr - gt)².
+
+    HP(x) = x - G_sigma(x), sigma = W / ``scale`` (W the image width in pixels), so the band is
+    the same fraction of the field of view at every resolution. At 256² (the demo) scale 32 is
+    sigma = 8 px, rib-sized structure and finer; scale 64 (4 px) keeps rib edges, cortex, vessels
+    and noise. A global tone curve, a brightness change or any smooth correction leaves this
+    score near 0; only removing the bones' edges raises it. 1 for the target, 0 for the identity
+    (pred = cxr), negative when the prediction adds structure (artefacts, noise) or moves edges.
+
+    Args:
+        cxr, gt, pred: (H, W) arrays in [0, 1], one size. mask: optional (H, W) bool; the
+            high-pass images are computed on the whole image, the sums taken over the mask.
+    Returns:
+        float; NaN when the bone image has no energy in the band on the scored pixels.
+    """
+    gt = np.asarray(gt, np.float64)
+    err = highpass(np.asarray(pred, np.float64) - gt, scale)
+    bone = highpass(np.asarray(cxr, np.float64) - gt, scale)
+    num, denom = _masked_sum(err**2, mask), _masked_sum(bone**2, mask)
+    return 1.0 - num / denom if denom > 0 else math.nan
+
+
+def band_energies(x: np.ndarray, scales: Sequence[float] = (4, 8, 16, 32, 64, 128)) -> dict[str, float]:
+    """Share of the energy Σx² of a (H, W) image in each frequency band; bands relative to the width.
+
+    Cut-offs are the Gaussian scales sigma_k = W / scales[k] (ascending: coarse to fine), with
+    G_k(f) = exp(-2 pi^2 sigma_k^2 f^2) the Gaussian's transfer function. The bands split the power
+    spectrum (of the mirrored image, so borders add nothing) with weights that add up to 1:
+    "tone" G_0², one band "W/a-W/b" = G_{k+1}² - G_k² per pair of cut-offs, and "fine" 1 - G_last²,
+    so the shares add up to 1 exactly. "tone" holds the mean and every structure coarser than
+    W / scales[0]. Used on the bone image cxr - soft tissue: how much of it is a display difference
+    (tone) and how much is bone structure.
+    """
+    x = np.asarray(x, np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"expected a (H, W) array, got shape {x.shape}")
+    h, w = x.shape
+    ext = np.concatenate([x, x[::-1]], axis=0)
+    ext = np.concatenate([ext, ext[:, ::-1]], axis=1)
+    power = np.abs(np.fft.fft2(ext)) ** 2
+    total = float(power.sum())
+    if total <= 0:
+        raise ValueError("the image has no energy")
+    f2 = np.fft.fftfreq(2 * h)[:, None] ** 2 + np.fft.fftfreq(2 * w)[None, :] ** 2
+    g2 = [np.exp(-4.0 * np.pi**2 * (w / s) ** 2 * f2) for s in scales]   # squared transfer functions
+    weights = {"tone": g2[0]}
+    for a, b, lo, hi in zip(scales, scales[1:], g2, g2[1:]):
+        weights[f"W/{a:g}-W/{b:g}"] = hi - lo
+    weights["fine"] = 1.0 - g2[-1]
+    return {k: float(np.sum(power * v)) / total for k, v in weights.items()}
+
+
+def nodule_contrast(image: np.ndarray, row: float, col: float, radius: float) -> float:
+    """Contrast of a round lesion: mean inside 0.7 r minus the mean of the ring 1.5 r .. 2.5 r.
+
+    Args: (H, W) image in [0, 1] and the lesion's centre and radius in pixels. On the soft-tissue
+    target this is what a bone-suppression model must keep; the ratio prediction / target says
+    how much of it survived (1 = all of it). NaN when the lesion or its ring is off the image.
+    """
+    img = np.asarray(image, np.float64)
+    rr, cc = np.ogrid[: img.shape[0], : img.shape[1]]
+    d = np.hypot(rr - row, cc - col)
+    inner, ring = d <= 0.7 * radius, (d >= 1.5 * radius) & (d <= 2.5 * radius)
+    if not inner.any() or not ring.any():
+        return math.nan
+    return float(img[inner].mean() - img[ring].mean())
+
+
 def mse(gt: np.ndarray, pred: np.ndarray, mask: np.ndarray | None = None) -> float:
     """Mean squared error of (H, W) arrays on the [0, 1] scale (mean over ``mask`` if given; NaN if empty)."""
     d2 = (np.asarray(pred, np.float64) - np.asarray(gt, np.float64)) ** 2
@@ -231,12 +341,17 @@ def score_pair(cxr: np.ndarray, gt: np.ndarray, pred: np.ndarray, mode: str = "f
         cxr_s, gt_s, pred_s = (resize_bilinear(a, target) for a in (cxr, gt, pred))
         values = {}
     values["bsr_sym"] = bsr_symmetric(cxr_s, gt_s, pred_s)
+    if mode == "corrected":
+        for band, scale in BANDS.items():
+            values[f"bsr_{band}"] = band_bsr(cxr_s, gt_s, pred_s, scale)
     values["mse"] = mse(gt_s, pred_s)
     values["psnr"] = psnr_from_mse(values["mse"])
     values["ssim"] = ssim(gt_s, pred_s)
     if mask is not None:
         mask = _mask_at(mask, gt.shape, gt_s.shape)
         values["bsr_sym_lung"] = bsr_symmetric(cxr_s, gt_s, pred_s, mask)
+        for band, scale in BANDS.items():
+            values[f"bsr_{band}_lung"] = band_bsr(cxr_s, gt_s, pred_s, scale, mask)
         values["mse_lung"] = mse(gt_s, pred_s, mask)
         values["psnr_lung"] = psnr_from_mse(values["mse_lung"])
         values["ssim_lung"] = ssim(gt_s, pred_s, mask)

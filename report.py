@@ -5,9 +5,11 @@ Usage:
         --list datasets/demo/demo_testset.txt --out runs/demo/report.html \
         [--metrics runs/demo/metrics] [--benchmark runs/demo/benchmark.json] [--curves RUN ...]
 
-For every listed test image: CXR | prediction | target | removed bone (CXR − prediction), and a
-before/after slider (CXR under the prediction). Then the metrics table of the model beside the
-identity baseline (prediction = CXR), histograms of prediction and target intensities, the
+For every listed test image: CXR | prediction | target | removed bone (CXR − prediction), a
+before/after slider (CXR under the prediction), and a crop at native pixels (zoomed 2x with no
+smoothing, where the ribs cross the lung) of CXR | prediction | target | removed bone | bone of the
+target, the two bone images on one symmetric scale. Then the metrics table of the model beside the
+baselines (the tone curve, the identity: prediction = CXR), histograms of prediction and target intensities, the
 sampling benchmark table and the training curves. Images are embedded as base64 PNG, so the one
 HTML file is the whole report. The page checks itself when opened with ``#selftest``: it moves
 every slider and writes the outcome (and any JavaScript error) into ``<body data-selftest=...>``,
@@ -29,7 +31,9 @@ from data.io import read_image
 from data.splits import read_list
 from utils.atomic import atomic_write_text
 
-METRIC_ROWS = [("bsr_sym", "BSR, symmetric (%) ↑", 100.0), ("bsr", "BSR, published (%) ↑", 100.0),
+METRIC_ROWS = [("bsr_sym", "BSR, symmetric (%) ↑", 100.0),
+               ("bsr_hp32", "BSR, high-pass σ = W/32 (%) ↑", 100.0), ("bsr_hp64", "BSR, high-pass σ = W/64 (%) ↑", 100.0),
+               ("bsr", "BSR, published (%) ↑", 100.0),
                ("mse", "MSE (10⁻³) ↓", 1000.0), ("psnr", "PSNR (dB) ↑", 1.0), ("ssim", "SSIM ↑", 1.0),
                ("lpips", "LPIPS ↓", 1.0)]
 
@@ -44,6 +48,7 @@ figure{margin:0;text-align:center;font-size:.85em}figure img{width:200px;height:
 .slider .top{position:absolute;top:0;left:0;width:100%;height:100%;clip-path:inset(0 50% 0 0)}
 .slider input{width:300px}
 .note{color:#555;font-size:.9em}
+.zoom img{width:256px;height:256px;image-rendering:pixelated}
 """
 
 JS = """
@@ -140,6 +145,40 @@ def benchmark_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def lung_crop(shape: tuple[int, int], mask: np.ndarray | None, side: int = 128) -> tuple[slice, slice]:
+    """A (side x side) window at native pixels, centred in the image-left lung (ribs over lung).
+
+    Without a mask: the upper-left part of the chest, where that lung usually is.
+    """
+    h, w = shape
+    side = min(side, h, w)
+    if mask is not None and mask[:, : w // 2].any():
+        rows, cols = np.nonzero(mask[:, : w // 2])
+        r, c = int(np.median(rows)), int(np.median(cols))
+    else:
+        r, c = int(0.4 * h), int(0.3 * w)
+    r0 = min(max(r - side // 2, 0), h - side)
+    c0 = min(max(c - side // 2, 0), w - side)
+    return slice(r0, r0 + side), slice(c0, c0 + side)
+
+
+def symmetric_view(x: np.ndarray, scale: float) -> np.ndarray:
+    """Signed image -> [0, 1] display: mid-grey is 0, black -scale, white +scale."""
+    return np.clip(0.5 + x / (2.0 * scale), 0.0, 1.0)
+
+
+def zoom_figures(cxr: np.ndarray, pred: np.ndarray, gt: np.ndarray, mask: np.ndarray | None) -> str:
+    """Native-pixel crops of one case, with the removed bone and the target's bone on one scale."""
+    win = lung_crop(cxr.shape, mask)
+    removed, target_bone = (cxr - pred)[win], (cxr - gt)[win]
+    scale = max(float(np.percentile(np.abs(target_bone), 99.5)), 1e-3)
+    tiles = [("CXR", cxr[win]), ("prediction", pred[win]), ("target", gt[win]),
+             (f"removed bone (CXR − prediction), ±{scale:.3f}", symmetric_view(removed, scale)),
+             (f"bone of the target (CXR − target), ±{scale:.3f}", symmetric_view(target_bone, scale))]
+    return "".join(f"<figure class='zoom'><img alt='{html.escape(t)} (native pixels)' src='{png_data_uri(p)}'>"
+                   f"<figcaption>{html.escape(t)}</figcaption></figure>" for t, p in tiles)
+
+
 def build_report(root: Path, pred_dir: Path, names: list[str], metrics: dict[str, dict] | None = None,
                  benchmark: list[dict] | None = None, curves: dict[str, Path] | None = None,
                  title: str = "Bone suppression report", notes: list[str] | None = None) -> str:
@@ -159,7 +198,11 @@ def build_report(root: Path, pred_dir: Path, names: list[str], metrics: dict[str
                   f"<img class='top' alt='prediction' src='{png_data_uri(thumbnail(pred))}'>"
                   f"<input type='range' min='0' max='100' value='50' aria-label='before/after {html.escape(name)}'>"
                   f"</div><figcaption>slide: prediction (left) / CXR (right)</figcaption></figure>")
-        cases.append(f"<h3>{html.escape(name)}</h3><div class='case'>{figs}{slider}</div>")
+        mask_path = root / "Mask" / name
+        mask = read_image(mask_path).pixels > 0.5 if mask_path.is_file() else None
+        cases.append(f"<h3>{html.escape(name)}</h3><div class='case'>{figs}{slider}</div>"
+                     f"<p class='note'>At native pixels (2× zoom, no smoothing), inside the lung:</p>"
+                     f"<div class='case'>{zoom_figures(cxr, pred, gt, mask)}</div>")
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              # Page errors, failed resources (capture phase) and console.error calls all land in
              # window.__errors, which the #selftest run writes into the DOM for the headless test.
@@ -173,7 +216,11 @@ def build_report(root: Path, pred_dir: Path, names: list[str], metrics: dict[str
     if metrics:
         parts.append("<h2>Metrics on the test split</h2>" + metrics_table(metrics))
         parts.append("<p class='note'>Corrected metrics at native resolution (symmetric BSR: 1 = perfect, "
-                     "0 = output equals input); the identity baseline is the CXR itself.</p>")
+                     "0 = output equals input). The high-pass BSR scores only structure finer than a "
+                     "Gaussian of σ = width/32 or width/64, so a change of tone alone scores 0 there. "
+                     "Baselines: the identity (the CXR itself) and the tone curve (one global lookup table "
+                     "CXR → soft tissue fitted on the training split): a model that does not beat the tone "
+                     "curve has not learned to remove bones.</p>")
     parts.append(f"<h2>Intensity histograms</h2><img alt='histograms' src='{histogram_png(preds, targets)}'>")
     if benchmark:
         parts.append("<h2>Sampling benchmark</h2>" + benchmark_table(benchmark))

@@ -125,15 +125,38 @@ class BoneSuppressor:
         return results
 
     def to_native(self, pixels: np.ndarray, cxr_model: np.ndarray, soft_model: np.ndarray) -> np.ndarray:
-        """Model-size soft tissue -> native size (``output.mode``), float32 [0, 1].
+        """Model-size soft tissue -> native size (``output.mode``); see :func:`to_native`."""
+        return to_native(self.cfg.output.mode, pixels, cxr_model, soft_model)
 
-        ``cxr_model`` is the model-size reference the bone layer is measured from (see module doc).
-        """
-        native = tuple(pixels.shape)
-        if self.cfg.output.mode == "resize":
-            return np.clip(upsample(soft_model, native), 0, 1).astype(np.float32)
-        bone = upsample(cxr_model - soft_model, native)
-        return np.clip(pixels - bone, 0, 1).astype(np.float32)
+
+def to_native(mode: str, pixels: np.ndarray, cxr_model: np.ndarray, soft_model: np.ndarray) -> np.ndarray:
+    """Model-size soft tissue (S, S) -> native size (H, W) of ``pixels``, float32 [0, 1].
+
+    ``mode`` is ``output.mode``; ``cxr_model`` is the model-size reference the bone layer is
+    measured from in ``native_residual`` mode (see module doc).
+    """
+    native = tuple(pixels.shape)
+    if mode == "resize":
+        return np.clip(upsample(soft_model, native), 0, 1).astype(np.float32)
+    bone = upsample(cxr_model - soft_model, native)
+    return np.clip(pixels - bone, 0, 1).astype(np.float32)
+
+
+@torch.no_grad()
+def first_stage_ceiling(vqgan, cfg, cxr: np.ndarray, soft: np.ndarray) -> np.ndarray:
+    """What a perfect diffusion model would return: the true soft-tissue latent, decoded and sent
+    through the same output path as a sampled one (``output.mode``, ``output.residual_reference``).
+
+    No sampler or UNet can do better than this, so it is the first thing to measure when the
+    results lack structure. Args: the frozen VQGAN (eval mode), the run config (``data``,
+    ``output``), and one (H, W) [0, 1] CXR with its target. Returns the (H, W) float32 prediction.
+    """
+    size, invert = cfg.data.image_size, cfg.data.invert
+    x = torch.stack([resize(to_model(p, invert), size) for p in (cxr, soft)])
+    device = next(vqgan.parameters()).device
+    decoded = from_model(vqgan.decode(vqgan.encode_stage_2_inputs(x.to(device))), invert)[:, 0]   # (2, S, S)
+    reference = decoded[0] if cfg.output.residual_reference == "decoded" else from_model(x[0], invert)[0]
+    return to_native(cfg.output.mode, cxr, reference, np.clip(decoded[1], 0, 1))
 
 
 def upsample(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:

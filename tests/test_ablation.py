@@ -91,8 +91,10 @@ def test_tables_figure_and_rows_are_real_runs(models, tmp_path):
                           ("fusion", [f"| {label} | {mode} |" for mode, label in ablation.FUSION]),
                           ("sampler", ["| lcm | 1 |", "| lcm | 2 |"])):
         body = [line for line in md[table].splitlines() if line.startswith("| ") and "---" not in line]
-        assert len(body) == 1 + len(labels), table                          # header + one line per row
-        for line, label in zip(body[1:], labels):
+        assert len(body) == 3 + len(labels), table              # header, one line per row, two baselines
+        assert body[-2].startswith("| tone curve (baseline) |") and body[-1].startswith("| identity (CXR, baseline) |")
+        assert "BSR, high-pass σ = W/32 (%) ↑" in body[0]
+        for line, label in zip(body[1:], labels + ["| tone curve", "| identity"]):
             assert line.startswith(label), (table, line)
             assert line.rstrip(" |").split(" | ")[-1 if table != "sampler" else -2] == "1"   # n = --limit
         assert "PSNR (dB) ↑" in body[0] and "±" in body[1]
@@ -103,8 +105,14 @@ def test_tables_figure_and_rows_are_real_runs(models, tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert len(saved["histogram_overlap"]) == 4 and all(0 <= v <= 1 for v in saved["histogram_overlap"].values())
 
+    # the identity baseline row is the CXR scored against the target: high-pass BSR exactly 0
+    identity = json.loads((tmp_path / "runs" / "baselines" / "identity" / "metrics" / "metrics_corrected_native.json")
+                          .read_text())
+    assert identity["metrics"]["bsr_hp32"]["mean"] == pytest.approx(0.0, abs=1e-9)
+    assert (tmp_path / "runs" / "baselines" / "tone-curve" / "pred" / "tone_curve.txt").is_file()
+
     # every table cell is the metrics.py report of its run
-    rows = list(csv.DictReader(open(tmp_path / "tables" / "guidance.csv")))
+    rows = [r for r in csv.DictReader(open(tmp_path / "tables" / "guidance.csv")) if r["model"] in ckpts]
     assert {r["row"] for r in rows} == {f"{label} / {mode}" for mode, label in ablation.GUIDANCE}
     for r in rows:
         if r["metric"] == "psnr":

@@ -5,6 +5,7 @@ pattern in the bone image, lesions that survive bone suppression), anatomy that 
 resolution, and a written dataset that data.io reads back unchanged.
 """
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -172,3 +173,32 @@ def test_write_synthetic_dataset_16_bit(tmp_path):
     assert img.bit_depth == 16
     assert np.abs(img.pixels - ph.cxr).max() <= 0.5 / 65535 + 1e-6
     assert read_image(tmp_path / "Mask" / "phantom_0000.png").bit_depth == 8
+
+
+def bone_band_shares_real_and_phantom(szch: Path, n_phantoms: int = 16, size: int = 256):
+    """Mean band shares (metrics.band_energies) of the bone image CXR - BS: the real SZCH pairs,
+    area-resized to the demo's native size, and ``n_phantoms`` demo phantoms of that size."""
+    from skimage.transform import resize
+
+    import metrics
+
+    def mean(shares):
+        return {k: float(np.mean([s[k] for s in shares])) for k in shares[0]}
+
+    real = []
+    for f in sorted((szch / "CXR").iterdir()):
+        bone = read_image(f).pixels.astype(np.float64) - read_image(szch / "BS" / f.name).pixels
+        real.append(metrics.band_energies(resize(bone, (size, size), anti_aliasing=True)))
+    phantom = [metrics.band_energies(generate_phantom(case_seed(0, i), size).bone) for i in range(n_phantoms)]
+    return mean(real), mean(phantom)
+
+
+def test_bone_image_spectrum_matches_real_pairs(szch_samples):
+    """How the bone image's energy splits between tone and structure, band by band (relative to
+    the width), is within a factor 1.5 of the real pairs' mean in every band."""
+    real, phantom = bone_band_shares_real_and_phantom(szch_samples)
+    for band in real:
+        ratio = phantom[band] / real[band]
+        assert 1 / 1.5 <= ratio <= 1.5, f"band {band}: phantom {phantom[band]:.3f}, real {real[band]:.3f}"
+    # more than a tenth of the bone energy is finer than sigma = W/64: structure, not tone
+    assert phantom["W/64-W/128"] + phantom["fine"] > 0.15
