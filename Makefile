@@ -1,5 +1,5 @@
 # Two commands on a fresh machine (Python >= 3.10 and pip):
-#   make demo   the whole pipeline on synthetic phantoms -> runs/demo/report.html (11-13 min on 2 cores)
+#   make demo   the whole pipeline on synthetic phantoms -> runs/demo/report.html (9-10 min on 2 cores)
 #   make test   the test suite (CPU)
 # Both create or refresh the local virtual environment .venv from requirements*.txt.
 PYTHON ?= python3

@@ -137,9 +137,6 @@ def _train(cfg, info: DistInfo, resume, progress: bool) -> Path:
     if not tc.cache_latents:
         raise ConfigError("ldm_train.cache_latents=false is not supported: the frozen VQGAN's latents are "
                           "encoded once (set data.augment=false and cache_latents=true)")
-    if cfg.unet.in_channels != 8 or cfg.unet.out_channels < 4:
-        raise ConfigError(f"unet.in_channels must be 8 ([x_t ; condition]) and out_channels >= 4, got "
-                          f"{cfg.unet.in_channels} / {cfg.unet.out_channels}")
 
     # ---- checks and latents before the run folder exists --------------------------------------------
     if not tc.vqgan_ckpt:
@@ -149,6 +146,10 @@ def _train(cfg, info: DistInfo, resume, progress: bool) -> Path:
     if vq_cfg.data.invert != cfg.data.invert:
         raise CheckpointError(f"{tc.vqgan_ckpt}: trained with data.invert={vq_cfg.data.invert}, "
                               f"this config has {cfg.data.invert}")
+    if vqgan.embedding_dim * 2 != cfg.unet.in_channels or cfg.unet.out_channels < vqgan.embedding_dim:
+        raise ConfigError(f"{tc.vqgan_ckpt}: the VQGAN has {vqgan.embedding_dim} latent channels, so unet.in_channels "
+                          f"must be {2 * vqgan.embedding_dim} ([x_t ; condition]) and unet.out_channels >= "
+                          f"{vqgan.embedding_dim}; got {cfg.unet.in_channels} / {cfg.unet.out_channels}")
     latent = cfg.data.image_size // vqgan.downsample_factor
     train_set = encode_pairs(vqgan, cfg, "train", device, progress and info.is_main)
     val_set = encode_pairs(vqgan, cfg, "val", device, progress and info.is_main)

@@ -256,6 +256,14 @@ def band_energies(x: np.ndarray, scales: Sequence[float] = (4, 8, 16, 32, 64, 12
     return {k: float(np.sum(power * v)) / total for k, v in weights.items()}
 
 
+def mean_band_energies(images: Iterable[np.ndarray], scales: Sequence[float] = (4, 8, 16, 32, 64, 128)) -> dict[str, float]:
+    """Per band, the mean over ``images`` of :func:`band_energies` (each image weighs the same)."""
+    shares = [band_energies(x, scales) for x in images]
+    if not shares:
+        raise ValueError("no images")
+    return {k: float(np.mean([s[k] for s in shares])) for k in shares[0]}
+
+
 def nodule_contrast(image: np.ndarray, row: float, col: float, radius: float) -> float:
     """Contrast of a round lesion: mean inside 0.7 r minus the mean of the ring 1.5 r .. 2.5 r.
 

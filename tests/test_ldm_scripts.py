@@ -72,6 +72,10 @@ def test_errors_before_any_work(stage1, tmp_path):
     with pytest.raises(CheckpointError, match="is a 'ldm' checkpoint, expected 'vqgan'"):
         ldm_train.main(smoke_config(root, tmp_path / "r", f"ldm_train.vqgan_ckpt={run}/checkpoints/best.pt"),
                        progress=False)
+    # a UNet that does not fit the VQGAN's latent channels (4 here: in 8 = [x_t ; condition], out >= 4)
+    for sets in (("unet.in_channels=16",), ("unet.out_channels=2",)):
+        with pytest.raises(ConfigError, match="unet.in_channels must be 8"):
+            ldm_train.main(cfg_for(stage1, tmp_path / "r", *sets), progress=False)
     assert not (tmp_path / "r").exists()
 
 

@@ -182,15 +182,10 @@ def bone_band_shares_real_and_phantom(szch: Path, n_phantoms: int = 16, size: in
 
     import metrics
 
-    def mean(shares):
-        return {k: float(np.mean([s[k] for s in shares])) for k in shares[0]}
-
-    real = []
-    for f in sorted((szch / "CXR").iterdir()):
-        bone = read_image(f).pixels.astype(np.float64) - read_image(szch / "BS" / f.name).pixels
-        real.append(metrics.band_energies(resize(bone, (size, size), anti_aliasing=True)))
-    phantom = [metrics.band_energies(generate_phantom(case_seed(0, i), size).bone) for i in range(n_phantoms)]
-    return mean(real), mean(phantom)
+    real = [resize(read_image(f).pixels.astype(np.float64) - read_image(szch / "BS" / f.name).pixels, (size, size),
+                   anti_aliasing=True) for f in sorted((szch / "CXR").iterdir())]
+    phantom = [generate_phantom(case_seed(0, i), size).bone for i in range(n_phantoms)]
+    return metrics.mean_band_energies(real), metrics.mean_band_energies(phantom)
 
 
 def test_bone_image_spectrum_matches_real_pairs(szch_samples):

@@ -48,7 +48,27 @@ def test_report_content(built):
     assert "BSR, symmetric (%) ↑" in text and "<th>identity</th>" in text
     assert re.search(r"<td>BSR, symmetric \(%\) ↑</td><td>[\d.]+ ± [\d.]+</td><td>0\.000 ± 0\.000</td>", text)
     assert "Intensity histograms" in text and "Sampling benchmark" in text
+    # the high-pass BSR rows, and per case five native-pixel crops with the two bone images on one scale
+    assert re.search(r"<td>BSR, high-pass σ = W/32 \(%\) ↑</td><td>[-\d.]+ ± [\d.]+</td><td>0\.000 ± 0\.000</td>", text)
+    assert text.count("(native pixels)") == 5 * len(names)
+    scales = re.findall(r"removed bone \(CXR − prediction\), ±([\d.]+) \(native pixels\)'.*?"
+                        r"bone of the target \(CXR − target\), ±([\d.]+) \(native pixels\)'", text)
+    assert len(scales) == len(names) and all(a == b for a, b in scales)
     assert "src='http" not in text and "src=\"http" not in text      # self-contained: nothing to fetch
+
+
+def test_lung_crop_and_symmetric_view():
+    import numpy as np
+
+    mask = np.zeros((200, 300), bool)
+    mask[40:140, 30:110] = True                     # the image-left lung
+    rows, cols = report.lung_crop(mask.shape, mask, side=64)
+    assert (rows.stop - rows.start, cols.stop - cols.start) == (64, 64)
+    assert rows.start <= 90 <= rows.stop and cols.start <= 70 <= cols.stop
+    rows, cols = report.lung_crop((50, 60), None, side=128)          # larger than the image: clipped
+    assert (rows.start, rows.stop, cols.start, cols.stop) == (0, 50, 0, 50)
+    v = report.symmetric_view(np.array([-0.2, 0.0, 0.1, 0.5]), 0.2)
+    assert v.tolist() == [0.0, 0.5, 0.75, 1.0]
 
 
 def test_report_in_headless_chromium(built, tmp_path):
