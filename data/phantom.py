@@ -34,10 +34,11 @@ from utils.atomic import atomic_write
 CM_PER_UNIT = 21.5   # the [-1, 1] field spans 43 cm, the usual chest cassette
 MU_SOFT = 0.20       # 1/cm, water-like tissue at the ~60 keV effective energy of a chest beam
 MU_BONE = 0.50       # 1/cm, cortical bone at the same energy
-BONE_VIEW = (-0.10, 0.50)
+BONE_VIEW = (-0.10, 0.50)  # display range of the signed bone image when written to PNG
 # The soft-tissue image's own display (darker, flatter) uses the drawn offsets an.win_bs times this.
 # At 1 the bone image was 66 % tone against 53 % on the real SZCH pairs; 0.45 with the trabecular
-# pattern brings every frequency band within 0.75-1.36x of the real pairs' (tests/test_phantom.py).
+# pattern brings every frequency band within 0.75-1.38x of the real pairs' (16 phantoms against the two
+# pairs at 256², tests/test_phantom.py; README, phantom realism).
 BS_DISPLAY = 0.45
 TRABECULAR_GRID = 512          # samples of the trabecular pattern across [-1.1, 1.1]: ~2 per pixel at 256²
 TRABECULAR_BAND = (0.7, 2.5)   # difference-of-Gaussians band of the pattern, in grid samples
@@ -511,8 +512,8 @@ def _simulate(seed, size: int, lesions: bool = True) -> Phantom:
     L_cxr = L_bs + MU_BONE * t_bone
     z, z2 = rng.standard_normal((2, size, size), dtype=np.float32)
     out = []
-    for L, extra, eq in ((L_cxr, 0.0, an.eq), (L_bs, 0.3, an.eq)):
-        L = _equalise(gaussian(L, 0.6), eq)
+    for L, extra in ((L_cxr, 0.0), (L_bs, 0.3)):
+        L = _equalise(gaussian(L, 0.6), an.eq)
         std = np.sqrt(np.exp(np.minimum(L, 6.0)) / an.n0) + 0.02
         out.append(L + std * (z + extra * z2))
     lo, hi, mid, width = an.win

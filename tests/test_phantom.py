@@ -197,3 +197,12 @@ def test_bone_image_spectrum_matches_real_pairs(szch_samples):
         assert 1 / 1.5 <= ratio <= 1.5, f"band {band}: phantom {phantom[band]:.3f}, real {real[band]:.3f}"
     # more than a tenth of the bone energy is finer than sigma = W/64: structure, not tone
     assert phantom["W/64-W/128"] + phantom["fine"] > 0.15
+
+
+def test_parallel_writing_gives_the_same_files(tmp_path):
+    write_synthetic_dataset(tmp_path / "one", n=4, size=48, seed=3, progress=False, workers=1)
+    write_synthetic_dataset(tmp_path / "two", n=4, size=48, seed=3, progress=False, workers=2)
+    for sub in ("CXR", "BS", "Bone", "Mask"):
+        for f in sorted((tmp_path / "one" / sub).iterdir()):
+            assert f.read_bytes() == (tmp_path / "two" / sub / f.name).read_bytes(), f
+    assert (tmp_path / "one" / "nodules.csv").read_text() == (tmp_path / "two" / "nodules.csv").read_text()

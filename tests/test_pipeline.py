@@ -85,3 +85,40 @@ def test_decoded_reference_cancels_the_autoencoder_error(suppressor, monkeypatch
     suppressor.cfg.output.residual_reference = "input"
     (res,) = suppressor([pixels], [two_lungs(48, 40)], ["a.png"])
     assert np.abs(res.soft - pixels).mean() > 0.05
+
+
+class _IdentityVQ(torch.nn.Module):
+    """An 'autoencoder' that loses nothing: what first_stage_ceiling returns is then the output path alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.p = torch.nn.Parameter(torch.zeros(1))
+
+    def encode_stage_2_inputs(self, x):
+        return x
+
+    def decode(self, z):
+        return z
+
+
+@pytest.mark.parametrize("reference", ["decoded", "input"])
+def test_first_stage_ceiling_is_the_output_path_of_the_true_latent(reference):
+    from types import SimpleNamespace
+
+    from models.pipeline import first_stage_ceiling
+
+    rng = np.random.default_rng(1)
+    soft = rng.uniform(0.1, 0.6, (32, 32)).astype(np.float32)         # fine detail of its own
+    rr, cc = np.mgrid[:32, :32]
+    bone = 0.3 * np.exp(-((rr - 16.0) ** 2 + (cc - 12.0) ** 2) / 60.0)   # a smooth 'bone'
+    cxr = (soft + bone).astype(np.float32)
+    cfg = SimpleNamespace(data=SimpleNamespace(image_size=32, invert=False),
+                          output=SimpleNamespace(mode="native_residual", residual_reference=reference))
+    # at the native size a lossless first stage gives the target back exactly
+    np.testing.assert_allclose(first_stage_ceiling(_IdentityVQ(), cfg, cxr, soft), soft, atol=1e-6)
+    # at half the size the bone layer is measured at 16² and upsampled onto the native CXR: the
+    # smooth bone is removed, the soft tissue's pixel-scale detail kept
+    cfg.data.image_size = 16
+    half = first_stage_ceiling(_IdentityVQ(), cfg, cxr, soft)
+    assert half.shape == (32, 32)
+    assert 0 < np.abs(half - soft).mean() < 0.25 * np.abs(cxr - soft).mean()
