@@ -1,18 +1,18 @@
 """End to end: the demo pipeline (make demo) on the synthetic default, and the bone-removal check.
 
-`test_demo_pipeline` runs every stage with configs/demo.yaml, as `make demo` does (9 minutes on
-this project's 2-core Intel Xeon), and checks that the pipeline learned to remove bones, not just
+`test_demo_pipeline` runs every stage with configs/demo.yaml, as `make demo` does (11 minutes on
+this task's 2-core Intel Xeon), and checks that the pipeline learned to remove bones, not just
 tone: the 4-step student must beat the tone-curve baseline (one global lookup table CXR -> soft
 tissue fitted on the train split) on the band-limited BSR and on PSNR, and keep the nodules. The
 thresholds sit below the measured figures by a margin for other thread counts and CPUs, and far
 above what the baselines reach: `test_baselines_fail_the_check` feeds the tone curve and the CXR
 itself through the same check and shows that they fail it.
 
-Measured (2-core Intel Xeon, two threads, `python demo.py`, 9 minutes), test split of 27 images,
-corrected metrics at native size, high-pass BSR at sigma = W/32 / W/64, PSNR, nodule contrast kept:
-student (decoded reference, the default) 0.168 / 0.042 / 28.74 dB / 0.61; same student with the
-input reference 0.275 / 0.207 / 28.93 dB / -0.60; tone curve 0.111 / 0.079 / 27.71 dB / 0.66;
-identity 0 / 0 / 23.84 dB / 0.92.
+Measured (2-core Intel Xeon, two threads, `python demo.py`, 11 minutes), test split of 27 images,
+corrected metrics at native size, high-pass BSR at sigma = W/32 / W/64, PSNR, SSIM, nodule contrast
+kept: student (decoded reference, the default) 0.259 / 0.099 / 29.42 dB / 0.800 / 0.65; same
+student with the input reference 0.373 / 0.272 / 29.69 dB / 0.823 / -0.56; tone curve 0.111 /
+0.079 / 27.71 dB / 0.809 / 0.66; identity 0 / 0 / 23.84 dB / 0.793 / 0.92.
 """
 from __future__ import annotations
 
@@ -37,9 +37,9 @@ MAX_STUDENT_GAP_DB = 1.0        # 4-step student below the 50-step DDIM teacher,
 N_TEST = 27                     # 256 phantoms, 10 % test split
 # The check of the default student (decoded reference: lesions kept) and of the same student with
 # the input reference (more bone structure removed, nodules erased, so no nodule criterion).
-CHECK_DEFAULT = dict(min_hp32=0.14, min_hp64_over_tone=-0.06, min_psnr_over_tone=0.6, min_ssim_over_tone=-0.04,
+CHECK_DEFAULT = dict(min_hp32=0.20, min_hp64_over_tone=-0.02, min_psnr_over_tone=1.2, min_ssim_over_tone=-0.03,
                      min_nodule_kept=0.4)
-CHECK_INPUT_REF = dict(min_hp32=0.22, min_hp64_over_tone=0.08, min_psnr_over_tone=0.8, min_ssim_over_tone=-0.02,
+CHECK_INPUT_REF = dict(min_hp32=0.30, min_hp64_over_tone=0.13, min_psnr_over_tone=1.4, min_ssim_over_tone=-0.02,
                        min_nodule_kept=-np.inf)
 
 
