@@ -172,6 +172,12 @@ def bsr_symmetric(cxr: np.ndarray, gt: np.ndarray, pred: np.ndarray, mask: np.nd
     return 1.0 - num / denom if denom > 0 else math.nan
 
 
+def _mirrored(x: np.ndarray) -> np.ndarray:
+    """(H, W) -> (2H, 2W): x and its mirror images, whose periodic extension has no border jumps."""
+    ext = np.concatenate([x, x[::-1]], axis=0)
+    return np.concatenate([ext, ext[:, ::-1]], axis=1)
+
+
 def gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
     """Gaussian blur of a (H, W) array with mirrored borders, exact for any sigma (pixels).
 
@@ -188,8 +194,7 @@ def gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
     if sigma == 0:
         return x
     h, w = x.shape
-    ext = np.concatenate([x, x[::-1]], axis=0)
-    ext = np.concatenate([ext, ext[:, ::-1]], axis=1)
+    ext = _mirrored(x)
     fy = np.fft.fftfreq(2 * h)[:, None]
     fx = np.fft.rfftfreq(2 * w)[None, :]
     transfer = np.exp(-2.0 * np.pi**2 * sigma**2 * (fy**2 + fx**2))
@@ -241,9 +246,7 @@ def band_energies(x: np.ndarray, scales: Sequence[float] = (4, 8, 16, 32, 64, 12
     if x.ndim != 2:
         raise ValueError(f"expected a (H, W) array, got shape {x.shape}")
     h, w = x.shape
-    ext = np.concatenate([x, x[::-1]], axis=0)
-    ext = np.concatenate([ext, ext[:, ::-1]], axis=1)
-    power = np.abs(np.fft.fft2(ext)) ** 2
+    power = np.abs(np.fft.fft2(_mirrored(x))) ** 2
     total = float(power.sum())
     if total <= 0:
         raise ValueError("the image has no energy")
