@@ -48,7 +48,7 @@ from data.io import ImageError
 from models import load_vqgan
 from models.schedule import build_schedule, offset_noise, randn
 from utils.atomic import atomic_write_text, json_nulls
-from utils.checkpoint import CheckpointError, load_checkpoint
+from utils.checkpoint import CheckpointError, load_checkpoint, resolve_first_stage
 from utils.config import ConfigError, config_from_dict
 from utils.dist import resolve_device
 from utils.logging import pyplot, save_figure
@@ -163,9 +163,7 @@ def load_analysis_models(ckpt: str | Path, overrides: list[str] = ()):
     if kind not in ("ldm", "vqgan"):
         raise CheckpointError(f"{ckpt}: is a '{kind}' checkpoint, expected 'ldm' or 'vqgan'")
     cfg = config_from_dict(raw["config"], f"{ckpt} (config)", overrides)
-    vq_path = ckpt if kind == "vqgan" else cfg.ldm_train.vqgan_ckpt
-    if not vq_path:
-        raise ConfigError(f"{ckpt}: its config has no ldm_train.vqgan_ckpt")
+    vq_path = ckpt if kind == "vqgan" else resolve_first_stage(ckpt, cfg.ldm_train.vqgan_ckpt)
     vqgan, vq_cfg = load_vqgan(vq_path, resolve_device(cfg.run.device))
     # The latents are the VQGAN's: encode at the size and intensity convention it was trained with.
     cfg.data.image_size, cfg.data.invert = (cfg.data.image_size, cfg.data.invert) if kind == "ldm" else \

@@ -24,7 +24,8 @@ generators, seeded by ``sampler.seed`` and the file name, so the same checkpoint
 give the same image whatever the batch or the order. Finished outputs are skipped (resumable;
 ``--overwrite`` redoes them); the output folder may not be the input folder; a bad file is
 reported and the others go on. ``timing.json`` splits the time per image into encoding, sampling,
-decoding and fusion. Default output: ``<run>/eval/<split>/``.
+decoding and fusion. Default output: ``<run>/eval/<split>/`` (for a converted or released model,
+``eval/<split>/`` beside it).
 
 Score the outputs with ``metrics.py --cxr ROOT/CXR --gt ROOT/BS --pred OUT --list LIST``.
 """
@@ -47,7 +48,7 @@ from models import build_unet, load_vqgan
 from models.pipeline import BoneSuppressor
 from models.schedule import build_schedule, eps_model
 from utils.atomic import atomic_write_text
-from utils.checkpoint import CheckpointError, load_checkpoint, load_state
+from utils.checkpoint import CheckpointError, load_checkpoint, load_state, resolve_first_stage
 from utils.config import ConfigError, config_from_dict
 from utils.dist import resolve_device
 from utils.scripts import checkpoint_config, eval_parser, folder_images
@@ -56,12 +57,17 @@ STAGE = "ldm"
 
 
 def load_ldm(path: str | Path, device: torch.device, weights: str = "ema"):
-    """(ε-model in eval mode, its training config) from a stage-2 checkpoint: the UNet, seen through
+    """(ε-model in eval mode, its training config) from a stage-2 checkpoint (``.pt``, or a release
+    ``.safetensors``): the UNet, seen through
     :func:`models.schedule.eps_model` when it was trained to predict v."""
     ckpt = load_checkpoint(path, kind=STAGE)
     cfg = config_from_dict(ckpt["config"], source=f"{path} (config)")
+    slot = "ema" if weights == "ema" else "unet"
+    if slot not in ckpt["state"]:
+        raise CheckpointError(f"{path}: holds no '{slot}' weights (it has {', '.join(sorted(ckpt['state']))}); "
+                              f"choose --weights {'raw' if slot == 'ema' else 'ema'}")
     unet = build_unet(cfg.unet, image_size=ckpt["extra"]["latent_size"])
-    load_state(unet, ckpt["state"]["ema" if weights == "ema" else "unet"], path, weights)
+    load_state(unet, ckpt["state"][slot], path, weights)
     unet = eps_model(unet, build_schedule(cfg.diffusion), cfg.diffusion.prediction)
     return unet.to(device).eval().requires_grad_(False), cfg
 
@@ -104,15 +110,16 @@ def main(cfg, ckpt: str | Path, split: str | None = "test", input_dir: str | Non
     """Suppress bones in every job image; return the summary (also written as timing.json)."""
     device = resolve_device(cfg.run.device)
     unet, train_cfg = load_ldm(ckpt, device, weights)
-    vqgan, _ = load_vqgan(train_cfg.ldm_train.vqgan_ckpt, device)
+    vqgan, _ = load_vqgan(resolve_first_stage(ckpt, train_cfg.ldm_train.vqgan_ckpt), device)
     # The model's own size and intensity convention; sampling, guidance, fusion and output from cfg.
     cfg.data.image_size, cfg.data.invert = train_cfg.data.image_size, train_cfg.data.invert
     suppressor = BoneSuppressor(unet, vqgan, build_schedule(train_cfg.diffusion), cfg, train_cfg.diffusion.cond_mode)
     jobs = image_jobs(cfg, split, input_dir)
     if not jobs:
         raise ValueError(f"no images to process ({input_dir or split})")
-    out_dir = Path(out_dir) if out_dir else Path(ckpt).resolve().parent.parent / "eval" / (
-        Path(input_dir).name if input_dir else split)
+    home = Path(ckpt).resolve().parent          # a run's checkpoints/ folder, or a converted/released model's
+    home = home.parent if home.name == "checkpoints" else home
+    out_dir = Path(out_dir) if out_dir else home / "eval" / (Path(input_dir).name if input_dir else split)
     if out_dir.exists() and out_dir.resolve() == jobs[0].parent.resolve():
         raise ValueError(f"{out_dir}: the output folder is the input folder; choose another --out")
     gl = cfg.global_local

@@ -46,7 +46,7 @@ from models import build_unet, count_parameters, load_vqgan
 from models.distill import consistency_distillation_loss
 from models.inference import suppress_latents
 from models.schedule import build_schedule, eps_model, training_loss
-from utils.checkpoint import CheckpointError, CheckpointManager, load_checkpoint, load_state
+from utils.checkpoint import CheckpointError, CheckpointManager, load_checkpoint, load_state, resolve_first_stage
 from utils.config import ConfigError, config_from_dict, config_to_dict, save_config
 from utils.dist import (DistInfo, all_reduce_mean, autocast_context, barrier, cleanup_distributed,
                         seed_everything, setup_distributed)
@@ -275,7 +275,7 @@ def load_teacher(cfg, device: torch.device):
         # Same training input (√ᾱ_t·c); sampling then feeds what the student was distilled on.
         cfg.diffusion.cond_mode = "scaled_consistent"
     if not cfg.ldm_train.vqgan_ckpt:
-        cfg.ldm_train.vqgan_ckpt = tcfg.ldm_train.vqgan_ckpt
+        cfg.ldm_train.vqgan_ckpt = str(resolve_first_stage(path, tcfg.ldm_train.vqgan_ckpt))
     teacher = build_unet(tcfg.unet, image_size=ckpt["extra"]["latent_size"])
     load_state(teacher, ckpt["state"]["ema"], path, "ema")
     return teacher.to(device).eval().requires_grad_(False)

@@ -39,7 +39,8 @@ def save_checkpoint(path: str | Path, *, kind: str, step: int, epoch: int, confi
 
 
 def load_checkpoint(path: str | Path, kind: str | None = None) -> dict:
-    """Load a checkpoint on the CPU with ``weights_only=True``.
+    """Load a checkpoint on the CPU with ``weights_only=True`` (a ``.pt`` file), or a release
+    ``.safetensors`` file (:mod:`utils.release`), into the same dict.
 
     Raises:
         CheckpointError: missing, unreadable, unsafe (needs unpickling of objects), not a checkpoint of
@@ -48,6 +49,13 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> dict:
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"{p}: checkpoint not found")
+    if p.suffix == ".safetensors":
+        from utils.release import load_safetensors
+
+        ckpt = load_safetensors(p)
+        if kind is not None and ckpt.get("kind") != kind:
+            raise CheckpointError(f"{p}: is a '{ckpt.get('kind')}' checkpoint, expected '{kind}'")
+        return ckpt
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -66,6 +74,27 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> dict:
     if kind is not None and ckpt.get("kind") != kind:
         raise CheckpointError(f"{p}: is a '{ckpt.get('kind')}' checkpoint, expected '{kind}'")
     return ckpt
+
+
+def resolve_first_stage(ckpt_path: str | Path, vqgan_ckpt: str) -> Path:
+    """Where a stage-2 checkpoint's first stage is: ``vqgan_ckpt`` as stored in its config.
+
+    A relative path is tried first against the checkpoint's own folder (a converted or released
+    model names its ``vqgan.pt`` / ``vqgan.safetensors`` beside it, so the folder can move), then
+    against the working directory (training runs store the path they were given).
+
+    Raises:
+        CheckpointError: the config names no first stage, or the file is in neither place.
+    """
+    if not vqgan_ckpt:
+        raise CheckpointError(f"{ckpt_path}: its config has no ldm_train.vqgan_ckpt (the first stage)")
+    stored = Path(vqgan_ckpt)
+    candidates = [stored] if stored.is_absolute() else [Path(ckpt_path).parent / stored, stored]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise CheckpointError(f"{ckpt_path}: its first stage {vqgan_ckpt} was not found (looked in "
+                              + " and ".join(str(c) for c in candidates) + ")")
+    return found
 
 
 def config_mismatch(saved: dict, current: dict, prefix: str = "") -> list[str]:

@@ -1,0 +1,202 @@
+"""The safetensors release format: weights that load without any pickle, plus what they need.
+
+A ``.safetensors`` file holds only named tensors and a string header, so loading it can run no code
+and needs no trust in its source. A release of this project is one file per stage::
+
+    vqgan.safetensors   tensors "model.<key>"; header: format, kind "vqgan", step, epoch, config (JSON)
+    ldm.safetensors     tensors "unet.<key>" and/or "ema.<key>"; header also: extra (JSON), aliases
+                        (JSON, e.g. {"ema": "unet"} when both slots hold the same weights)
+
+Each header carries the whole config, so :func:`utils.checkpoint.load_checkpoint` returns the same
+dict for a ``.safetensors`` file as for a ``.pt`` checkpoint, and every loader accepts both. The
+stage-2 config names its first stage relative to its own folder (``vqgan.safetensors``).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from utils.atomic import atomic_write
+
+
+def save_safetensors(path: str | Path, *, kind: str, step: int, epoch: int, config: dict,
+                     state: dict[str, dict[str, torch.Tensor]], extra: dict | None = None,
+                     aliases: dict[str, str] | None = None) -> None:
+    """Write ``state`` (slot -> state dict) as one safetensors file, atomically.
+
+    Args:
+        aliases: slots stored once and read under another name too ({"ema": "unet"}).
+        extra: JSON-able facts (latent size, sources); other values are dropped.
+    """
+    from safetensors.torch import save_file
+
+    from utils.checkpoint import FORMAT
+
+    tensors = {f"{slot}.{k}": t.detach().to("cpu").contiguous() for slot, sd in state.items() for k, t in sd.items()}
+    header = {"format": FORMAT, "kind": kind, "step": str(int(step)), "epoch": str(int(epoch)),
+              "config": json.dumps(config), "extra": json.dumps(_jsonable(extra or {})),
+              "aliases": json.dumps(aliases or {})}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+
+
+def _jsonable(d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        try:
+            json.dumps(v)
+        except (TypeError, ValueError):
+            continue                              # e.g. a saved RNG state: meaningless in a release
+        out[k] = v
+    return out
+
+
+def load_safetensors(path: Path) -> dict:
+    """The checkpoint dict of a release file (see :mod:`utils.checkpoint`). Raises CheckpointError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    from utils.checkpoint import FORMAT, CheckpointError
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    if header.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: a safetensors file without this project's header (format "
+                              f"'{FORMAT}'); export releases with convert_reference.py --export")
+    try:
+        config, extra = json.loads(header["config"]), json.loads(header.get("extra", "{}"))
+        aliases = json.loads(header.get("aliases", "{}"))
+        step, epoch = int(header.get("step", 0)), int(header.get("epoch", 0))
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: damaged header ({type(e).__name__}: {e})") from None
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        slot, _, key = name.partition(".")
+        state.setdefault(slot, {})[key] = t
+    for alias, slot in aliases.items():
+        if slot not in state:
+            raise CheckpointError(f"{path}: header names slot '{slot}' for '{alias}', which the file does not hold")
+        state[alias] = state[slot]
+    return {"format": FORMAT, "kind": header.get("kind"), "step": step, "epoch": epoch, "config": config,
+            "state": state, "extra": extra}
+
+
+# ---- a release folder ------------------------------------------------------------------------------
+
+def _same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def export_release(ckpt_path: str | Path, out_dir: str | Path, weights: str = "ema", title: str | None = None,
+                   source: list[str] | None = None, scores: dict[str, str] | None = None,
+                   scores_note: str = "") -> list[Path]:
+    """Write a release folder from a checkpoint of this project (``.pt`` or ``.safetensors``).
+
+    For a stage-2 checkpoint: ``vqgan.safetensors`` (its first stage), ``ldm.safetensors`` with the
+    ``weights`` slot ("ema", "raw" or "both"; identical slots are stored once), ``config.yaml`` and
+    ``MODEL_CARD.md``. For a VQGAN checkpoint: ``vqgan.safetensors``, its config and card.
+    Returns the written paths. Raises CheckpointError on an unusable checkpoint or slot.
+    """
+    import yaml
+
+    from utils.atomic import atomic_write_text
+    from utils.checkpoint import CheckpointError, load_checkpoint, resolve_first_stage
+
+    ckpt_path, out = Path(ckpt_path), Path(out_dir)
+    ckpt = load_checkpoint(ckpt_path)
+    if ckpt.get("kind") not in ("ldm", "vqgan"):
+        raise CheckpointError(f"{ckpt_path}: is a '{ckpt.get('kind')}' checkpoint; export takes a stage-1 (vqgan) "
+                              "or stage-2 (ldm) checkpoint")
+    vq = ckpt if ckpt["kind"] == "vqgan" else load_checkpoint(
+        resolve_first_stage(ckpt_path, ckpt["config"]["ldm_train"]["vqgan_ckpt"]), kind="vqgan")
+    if "model" not in vq["state"]:
+        raise CheckpointError(f"{ckpt_path}: the first stage holds no 'model' weights")
+    written = [out / "vqgan.safetensors"]
+    save_safetensors(written[0], kind="vqgan", step=vq["step"], epoch=vq["epoch"], config=vq["config"],
+                     state={"model": vq["state"]["model"]}, extra=vq.get("extra"))
+    config = vq["config"]
+    if ckpt["kind"] == "ldm":
+        config = json.loads(json.dumps(ckpt["config"]))
+        config["ldm_train"]["vqgan_ckpt"] = "vqgan.safetensors"
+        slots = {"ema": ["ema"], "raw": ["unet"], "both": ["unet", "ema"]}[weights]
+        missing = [s for s in slots if s not in ckpt["state"]]
+        if missing:
+            raise CheckpointError(f"{ckpt_path}: holds no '{missing[0]}' weights (it has {sorted(ckpt['state'])})")
+        state, aliases = {s: ckpt["state"][s] for s in slots}, {}
+        if len(slots) == 2 and _same_weights(state["unet"], state["ema"]):
+            state, aliases = {"unet": state["unet"]}, {"ema": "unet"}
+        written.append(out / "ldm.safetensors")
+        save_safetensors(written[-1], kind="ldm", step=ckpt["step"], epoch=ckpt["epoch"], config=config,
+                         state=state, extra=ckpt.get("extra"), aliases=aliases)
+    written.append(out / "config.yaml")
+    atomic_write_text(written[-1], "# The config stored in the .safetensors headers (which is what the loaders "
+                      "read), as YAML for reading.\n" + yaml.safe_dump(config, sort_keys=False))
+    files = {p.name: sha256(p) for p in written}
+    card = model_card(config, kind=ckpt["kind"], title=title or f"{config['run']['name']} ({ckpt['kind']})",
+                      source=source or [f"Trained with this project: `{ckpt_path}` (step {ckpt['step']}, "
+                                        f"weights: {weights})."],
+                      scores=scores, scores_note=scores_note, files=files)
+    written.append(out / "MODEL_CARD.md")
+    atomic_write_text(written[-1], card)
+    return written
+
+
+def sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_card(config: dict, *, kind: str, title: str, source: list[str], scores: dict[str, str] | None,
+               scores_note: str, files: dict[str, str]) -> str:
+    """MODEL_CARD.md for a release: what the weights are, their intended use, input conventions, scores."""
+    d, s, gl, u, v = (config[k] for k in ("data", "sampler", "global_local", "unet", "vqgan"))
+    lines = [f"# Model card: {title}", "",
+             "**Intended use: research on bone suppression in chest radiographs. Not for diagnosis**, and not "
+             "validated for any clinical decision. The output is a generated image: it can hide or invent "
+             "structure, so read it beside the original radiograph.", "", "## Source", ""]
+    lines += [f"- {x}" for x in source]
+    lines += ["", "## What it is", "",
+              f"- First stage (`vqgan.safetensors`): ML-VQGAN, widths {v['channels']}, {v['num_embeddings']} codes of "
+              f"dimension {v['embedding_dim']}; a {d['image_size']}² image becomes a "
+              f"{v['embedding_dim']}×{d['image_size'] // 2 ** len(v['channels'])}² latent."]
+    if kind == "ldm":
+        method = "GL-LCM (global and lung-local paths, fused)" if gl["enabled"] else "BS-LDM (one global path)"
+        lines += [f"- Noise estimator (`ldm.safetensors`): guided-diffusion UNet, {u['model_channels']} channels × "
+                  f"{u['channel_mult']}, q/k/v attention order: {'new' if u['use_new_attention_order'] else 'legacy'}, "
+                  f"condition mode `{config['diffusion']['cond_mode']}`, schedule `{config['diffusion']['beta_schedule']}`.",
+                  f"- Method: {method}; sampler `{s['name']}`, {s['steps']} steps, clip ranges r0 = "
+                  f"{s['clip_r0_global']} (global), {s['clip_r0_local']} (local), +{s['clip_kappa']} per step."]
+    lines += ["", "## Input conventions", "",
+              "- One grayscale chest radiograph per file (PNG 8/16-bit, JPEG, TIFF or DICOM), any size: it is "
+              f"resized to {d['image_size']}² for the model and the result is brought back to the input's size "
+              f"(`output.mode: {config['output']['mode']}`).",
+              "- Bones bright, as displayed (DICOM MONOCHROME1 is inverted on reading)."
+              + (" The model was trained on negatives (`data.invert: true`): inputs are inverted before encoding "
+                 "and outputs inverted back." if d["invert"] else "")]
+    if kind == "ldm" and gl["enabled"]:
+        lines.append("- Lung masks (255 = lung, same size as the image) from `--masks DIR`, `<data.root>/Mask` for "
+                     "a split, or the built-in segmenter (`--set global_local.masks=auto`).")
+    if kind == "ldm":
+        lines += ["", "## Run it", "", "```",
+                  "python ldm_eval.py --ckpt ldm.safetensors --input CXR_FOLDER --out OUT_FOLDER"
+                  + (" --masks MASK_FOLDER" if gl["enabled"] else ""), "```"]
+    lines += ["", "## Scores", ""]
+    if scores:
+        lines += ["| " + " | ".join(scores) + " |", "|" + "---|" * len(scores), "| " + " | ".join(scores.values()) + " |"]
+    else:
+        lines.append("No scores are recorded with these weights; measure them with `metrics.py` on your test pairs.")
+    if scores_note:
+        lines += ["", scores_note]
+    lines += ["", "## Files (SHA-256)", ""] + [f"- `{name}`: `{digest}`" for name, digest in files.items()]
+    return "\n".join(lines) + "\n"
