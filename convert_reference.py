@@ -65,6 +65,7 @@ def main(cfg: Config, method: str, dataset: str, unet: str | Path, vqgan: str | 
     vq, ldm = convert_reference(cfg, unet, vqgan, method, dataset)
     save_checkpoint(out / "vqgan.pt", **vq)
     save_checkpoint(out / "ldm.pt", **ldm)
+    vq["state"] = ldm["state"] = None          # free 1.5 GB before the release is written from ldm.pt
     src = ldm["extra"]["source"]
     source = [f"Converted by `convert_reference.py` from the authors' published {method.upper()} weights for "
               f"{dataset.upper()}:"] + [f"`{s['file']}` (SHA-256 `{s['sha256']}`)" for s in src.values()] + [

@@ -104,7 +104,9 @@ def match_state(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], 
                                      f"expected {tuple(t.shape)} for this config")
         if not (src.is_floating_point() and t.is_floating_point()):
             raise ForeignPickleError(f"{path}: key {names[k]!r} holds {src.dtype}, expected floating point")
-        out[k] = src.detach().to(t.dtype).contiguous().clone()
+        src = src.detach().to(t.dtype).contiguous()
+        # Keep the loaded tensor when it owns its storage (saves a copy of 1.5 GB at paper size).
+        out[k] = src if src.untyped_storage().nbytes() == src.numel() * src.element_size() else src.clone()
     return out
 
 
@@ -120,9 +122,10 @@ def convert_vqgan(path: str | Path, cfg: Config) -> tuple[dict[str, torch.Tensor
     if book is None or book.ndim != 2:
         raise ForeignPickleError(f"{path}: key 'quantizer.quantizer.embedding.weight' (the codebook) is missing")
     v = cfg.vqgan
-    model = VQGAN(in_channels=v.in_channels, channels=v.channels, num_res_channels=v.num_res_channels,
-                  num_res_layers=v.num_res_layers, embedding_dim=v.embedding_dim, num_embeddings=book.shape[0])
-    ours = model.state_dict()
+    with torch.device("meta"):        # names, shapes and dtypes only: no memory, no initialisation
+        ours = VQGAN(in_channels=v.in_channels, channels=v.channels, num_res_channels=v.num_res_channels,
+                     num_res_layers=v.num_res_layers, embedding_dim=v.embedding_dim,
+                     num_embeddings=book.shape[0]).state_dict()
     names = {k: reference_vqgan_key(k, v.num_res_layers) for k in ours}
     return match_state(ours, theirs, names, path), int(book.shape[0])
 
@@ -152,7 +155,8 @@ def convert_unet(path: str | Path, cfg: Config, latent_size: int) -> tuple[dict[
     path = Path(path)
     tree = read_module_tree(path, UNET_CLASS, UNET_NAMESPACES)
     order = attention_order(tree, path)
-    ours = build_unet(cfg.unet, image_size=latent_size).state_dict()
+    with torch.device("meta"):
+        ours = build_unet(cfg.unet, image_size=latent_size).state_dict()
     theirs = tree.state_dict()
     n_attn = sum(1 for k in ours if k.endswith(".qkv.weight"))
     n_theirs = sum(1 for _, n in tree.named_modules() if n.class_name == "AttentionBlock")
