@@ -6,6 +6,8 @@ Usage:
     python ldm_eval.py --ckpt CKPT --input some/cxr_folder --out some/output_folder
     python ldm_eval.py --ckpt CKPT --set sampler.name=ddpm --set sampler.steps=1000 \
         --set sampler.clip_r0_global=1.4 --set sampler.clip_kappa=0.003          # BS-LDM's sampler
+    python ldm_eval.py --ckpt CKPT --input FOLDER --precision fp32 --no-channels-last   # plain fp32
+    torchrun --standalone --nproc_per_node 4 ldm_eval.py --ckpt CKPT --input ARCHIVE --out OUT
 
 Each CXR is read at native size (PNG 8/16-bit, JPEG, TIFF, DICOM) and run through
 ``models.pipeline.BoneSuppressor``: resized to the model size, VQ-encoded, sampled with ``sampler.*``
@@ -23,7 +25,11 @@ images. The EMA weights are used unless ``--weights raw``. Each image's noise co
 generators, seeded by ``sampler.seed`` and the file name, so the same checkpoint, config and seed
 give the same image whatever the batch or the order. Finished outputs are skipped (resumable;
 ``--overwrite`` redoes them); the output folder may not be the input folder; a bad file is
-reported and the others go on. ``timing.json`` splits the time per image into encoding, sampling,
+reported and the others go on. Precision and layout come from ``inference`` (``--precision``:
+``auto`` runs bf16 on CUDA and on CPUs where it is measured faster, see ``models/precision.py``);
+with ``inference.local_crop`` the local path encodes and decodes only the lungs' box. Under
+``torchrun`` the sorted images are dealt out to the processes (GPUs, or CPU processes sharing the
+cores), each resumable on its own, with one summary at the end. ``timing.json`` splits the time per image into encoding, sampling,
 decoding and fusion. Default output: ``<run>/eval/<split>/`` (for a converted or released model,
 ``eval/<split>/`` beside it).
 
@@ -33,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -46,11 +53,12 @@ from data.io import ImageError, read_image, write_dicom, write_png
 from data.masking import binarize_mask
 from models import build_unet, load_vqgan
 from models.pipeline import BoneSuppressor
+from models.precision import prepare_for_inference
 from models.schedule import build_schedule, eps_model
 from utils.atomic import atomic_write_text
 from utils.checkpoint import CheckpointError, load_checkpoint, load_state, resolve_first_stage
 from utils.config import ConfigError, config_from_dict
-from utils.dist import resolve_device
+from utils.dist import cleanup_distributed, setup_distributed
 from utils.scripts import checkpoint_config, eval_parser, folder_images
 
 STAGE = "ldm"
@@ -107,10 +115,21 @@ def main(cfg, ckpt: str | Path, split: str | None = "test", input_dir: str | Non
          out_dir: str | Path | None = None, weights: str = "ema", batch_size: int = 4,
          overwrite: bool = False, masks_dir: str | None = None, save_paths: bool = False,
          progress: bool = True) -> dict:
-    """Suppress bones in every job image; return the summary (also written as timing.json)."""
-    device = resolve_device(cfg.run.device)
+    """Suppress bones in every job image; return the summary (also written as timing.json).
+
+    Under ``torchrun --nproc_per_node N`` each process takes every N-th image of the sorted job list
+    (its own GPU, or an equal share of the CPU cores), and the summaries are merged into one.
+    """
+    info = setup_distributed(cfg.run.device)
+    device = info.device
+    if info.distributed and device.type == "cpu":
+        # torchrun sets one thread per process; give each process its share of the cores instead.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))))
     unet, train_cfg = load_ldm(ckpt, device, weights)
     vqgan, _ = load_vqgan(resolve_first_stage(ckpt, train_cfg.ldm_train.vqgan_ckpt), device)
+    unet, vqgan, arithmetic = prepare_for_inference(unet, vqgan, cfg.inference, device)
+    if progress and info.is_main:
+        print(f"ldm_eval.py: {arithmetic}", file=sys.stderr)
     # The model's own size and intensity convention; sampling, guidance, fusion and output from cfg.
     cfg.data.image_size, cfg.data.invert = train_cfg.data.image_size, train_cfg.data.invert
     suppressor = BoneSuppressor(unet, vqgan, build_schedule(train_cfg.diffusion), cfg, train_cfg.diffusion.cond_mode)
@@ -125,10 +144,12 @@ def main(cfg, ckpt: str | Path, split: str | None = "test", input_dir: str | Non
     gl = cfg.global_local
     auto = gl.enabled and gl.masks == "auto"
     mask_dir = Path(masks_dir) if masks_dir else (Path(cfg.data.root) / MASK if input_dir is None else None)
+    jobs = jobs[info.rank::info.world_size]          # this process's share (all of it on one process)
     skipped = [p for p in jobs if not overwrite and (out_dir / output_name(p)).is_file()]
     jobs = [p for p in jobs if p not in skipped]
     failures, done = [], 0
-    bar = tqdm(total=len(jobs), desc="bone suppression", disable=not progress)
+    bar = tqdm(total=len(jobs), desc=f"bone suppression{f' (rank {info.rank})' if info.distributed else ''}",
+               disable=not progress, position=info.rank)
     for start in range(0, len(jobs), batch_size):
         batch = []
         for path in jobs[start:start + batch_size]:
@@ -156,18 +177,32 @@ def main(cfg, ckpt: str | Path, split: str | None = "test", input_dir: str | Non
             done += 1
         bar.update(len(batch))
     bar.close()
-    per = {k: v / max(done, 1) for k, v in suppressor.times.items()}
-    summary = {"checkpoint": str(ckpt), "weights": weights, "images": len(jobs) + len(skipped), "written": done,
-               "skipped_existing": len(skipped), "failures": failures,
+    counts = {"images": len(jobs) + len(skipped), "written": done, "skipped_existing": len(skipped),
+              "failures": failures, "seconds": dict(suppressor.times)}
+    if info.distributed:                           # one summary for the whole run
+        parts: list = [None] * info.world_size
+        torch.distributed.all_gather_object(parts, counts)
+        counts = {"images": sum(c["images"] for c in parts), "written": sum(c["written"] for c in parts),
+                  "skipped_existing": sum(c["skipped_existing"] for c in parts),
+                  "failures": [f for c in parts for f in c["failures"]],
+                  "seconds": {k: sum(c["seconds"][k] for c in parts) for k in counts["seconds"]}}
+        cleanup_distributed()
+    done, failures, skipped_n = counts["written"], counts["failures"], counts["skipped_existing"]
+    per = {k: v / max(done, 1) for k, v in counts["seconds"].items()}
+    summary = {"checkpoint": str(ckpt), "weights": weights, "images": counts["images"], "written": done,
+               "skipped_existing": skipped_n, "failures": failures, "processes": info.world_size,
                "sampler": {"name": cfg.sampler.name, "steps": cfg.sampler.steps, "clip": cfg.sampler.clip,
                            "r0_global": cfg.sampler.clip_r0_global, "r0_local": cfg.sampler.clip_r0_local,
                            "kappa": cfg.sampler.clip_kappa, "seed": cfg.sampler.seed},
                "global_local": {"enabled": gl.enabled, "leg_mode": gl.leg_mode, "alpha": gl.alpha,
                                 "fusion": gl.fusion, "masks": gl.masks},
-               "output_mode": cfg.output.mode, "seconds_per_image": per}
-    if done or not skipped:   # a run that only found finished outputs keeps the timing of the run that made them
+               "output_mode": cfg.output.mode, "inference": arithmetic, "seconds_per_image": per}
+    if not info.is_main:
+        return summary
+    if done or not skipped_n:   # a run that only found finished outputs keeps the timing of the run that made them
         atomic_write_text(out_dir / "timing.json", json.dumps(summary, indent=2) + "\n")
-    print(f"{done} of {len(jobs)} images written, {len(skipped)} already done, {len(failures)} failed -> {out_dir}"
+    print(f"{done} of {counts['images'] - skipped_n} images written, {skipped_n} already done, {len(failures)} failed"
+          f"{f' ({info.world_size} processes)' if info.distributed else ''} -> {out_dir}"
           f" | s/image: encode {per['encode']:.3f}, sample {per['sample']:.3f} ({cfg.sampler.name} x"
           f"{cfg.sampler.steps}, {'global+local' if gl.enabled else 'global'}), decode {per['decode']:.3f}, "
           f"fusion {per['fusion']:.3f}")
@@ -187,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-paths", action="store_true",
                         help="also write the model-size global, local and fused images under <out>/paths/")
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="override inference.precision (auto: bf16 on CUDA and on CPUs measured faster)")
+    parser.add_argument("--no-channels-last", action="store_true", help="inference.channels_last=false")
+    parser.add_argument("--compile", action="store_true", help="inference.compile=true (torch.compile the UNet)")
     return parser
 
 
@@ -199,6 +238,12 @@ def config_for(args: argparse.Namespace):
         overrides.append(f"sampler.steps={args.steps}")
     if args.global_only:
         overrides.append("global_local.enabled=false")
+    if args.precision:
+        overrides.append(f"inference.precision={args.precision}")
+    if args.no_channels_last:
+        overrides.append("inference.channels_last=false")
+    if args.compile:
+        overrides.append("inference.compile=true")
     return checkpoint_config(args.ckpt, STAGE, args.config, overrides)
 
 

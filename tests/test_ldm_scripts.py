@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 from data.io import read_image
+from tests.conftest import ROOT
 from tests.scripts import load_script, smoke_config, tiny_dataset
 from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.config import ConfigError
@@ -107,11 +111,6 @@ def test_eval_native_size_and_seeded(stage1, tmp_path):
 
 
 def test_eval_cli_folder_bad_file_and_input_guard(stage1, tmp_path):
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-
     root, _ = stage1
     run = ldm_train.main(cfg_for(stage1, tmp_path, "ldm_train.epochs=1"), progress=False)
     ckpt = run / "checkpoints" / "best.pt"
@@ -132,22 +131,44 @@ def test_eval_cli_folder_bad_file_and_input_guard(stage1, tmp_path):
     # without masks the global-local path reports every image; --global-only needs none
     res = subprocess.run(cmd[:-2] + ["--out", str(tmp_path / "nomask")], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 1 and "needs lung masks" in res.stderr
-    res = subprocess.run(cmd[:-2] + ["--global-only", "--out", str(tmp_path / "g")], cwd=ROOT, capture_output=True,
-                         text=True)
+    res = subprocess.run(cmd[:-2] + ["--global-only", "--out", str(tmp_path / "g"), "--precision", "bf16"], cwd=ROOT,
+                         capture_output=True, text=True)
     assert res.returncode == 1 and "2 of 3 images written" in res.stdout
+    assert json.loads((tmp_path / "g" / "timing.json").read_text())["inference"].startswith("precision bf16")
     res = subprocess.run(cmd + ["--out", str(folder)], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 2 and "the output folder is the input folder" in res.stderr
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before          # inputs untouched
 
 
 @pytest.mark.slow
+def test_eval_sharded_over_two_cpu_processes(stage1, tmp_path):
+    """torchrun --nproc_per_node 2 ldm_eval.py: each process takes every other image, the outputs are
+    those of one process, the summary covers all, and a rerun finds everything done."""
+    root, _ = stage1
+    run = ldm_train.main(cfg_for(stage1, tmp_path, "ldm_train.epochs=1"), progress=False)
+    ckpt = run / "checkpoints" / "best.pt"
+    args = ["ldm_eval.py", "--ckpt", str(ckpt), "--input", str(root / "CXR"), "--masks", str(root / "Mask"),
+            "--no-progress", "--steps", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], cwd=ROOT, capture_output=True,
+                         text=True, env=env)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          *args, "--out", str(tmp_path / "two")], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert two.returncode == 0, two.stderr
+    n = len(list((root / "CXR").glob("*.png")))
+    assert f"{n} of {n} images written, 0 already done, 0 failed (2 processes)" in two.stdout
+    outs = {d: {p.name: p.read_bytes() for p in (tmp_path / d).glob("*.png")} for d in ("one", "two")}
+    assert len(outs["one"]) == n and outs["one"] == outs["two"]
+    timing = json.loads((tmp_path / "two" / "timing.json").read_text())
+    assert timing["processes"] == 2 and timing["written"] == n
+    again = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            *args, "--out", str(tmp_path / "two")], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert again.returncode == 0 and f"0 of 0 images written, {n} already done" in again.stdout
+
+
+@pytest.mark.slow
 def test_ddp_two_cpu_processes(stage1, tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-
     root, vq = stage1
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

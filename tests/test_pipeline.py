@@ -122,3 +122,58 @@ def test_first_stage_ceiling_is_the_output_path_of_the_true_latent(reference):
     half = first_stage_ceiling(_IdentityVQ(), cfg, cxr, soft)
     assert half.shape == (32, 32)
     assert 0 < np.abs(half - soft).mean() < 0.25 * np.abs(cxr - soft).mean()
+
+
+# ---- the local path over the lungs' box only (inference.local_crop) --------------------------------
+
+def test_lung_box_on_the_latent_grid():
+    from models.pipeline import lung_box, useful_box
+
+    m = np.zeros((64, 64), bool)
+    m[20:30, 9:40] = True
+    assert lung_box(m, 4, 0) == (5, 8, 2, 10)             # rows 20..29 -> latent 5..7, cols 9..39 -> 2..9
+    assert lung_box(m, 4, 2) == (3, 10, 0, 12)            # grown by 2 latent pixels, clipped at 0
+    assert lung_box(np.zeros((64, 64), bool), 4, 2) is None
+    assert useful_box((0, 16, 0, 15), 16) is None         # 94 % of the grid: not worth a call of its own
+    assert useful_box((3, 10, 0, 12), 16) == (3, 10, 0, 12)
+
+
+def test_local_crop_matches_the_whole_local_path_inside_the_lungs():
+    cfg = load_config([ROOT / "configs" / "demo.yaml", ROOT / "configs" / "smoke.yaml"],
+                      ["data.image_size=64", "inference.crop_margin=2", "global_local.fusion=alpha"])
+    torch.manual_seed(0)
+    vq = build_vqgan(cfg.vqgan).eval()
+    unet = build_unet(cfg.unet, image_size=16).eval()
+    for p in unet.out.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    sup = BoneSuppressor(unet, vq, build_schedule(cfg.diffusion), cfg, "clean")
+    rng = np.random.default_rng(2)
+    image = rng.random((64, 64)).astype(np.float32)
+    mask = np.zeros((64, 64), bool)
+    mask[24:40, 24:40] = True                                # box 6..10 (+2) of a 16x16 latent grid
+    calls = []
+    encode = vq.encode_stage_2_inputs
+    vq.encode_stage_2_inputs = lambda x: calls.append(tuple(x.shape)) or encode(x)
+    crop = sup([image], [mask], ["x.png"])[0]
+    assert (1, 1, 32, 32) in calls                           # the 8x8-latent lung box was encoded alone
+    cfg.inference.local_crop = False
+    whole = sup([image], [mask], ["x.png"])[0]
+    # Inside the lungs the local image barely changes; the rest of it is never used (alpha fusion).
+    inside = mask
+    assert np.abs(crop.local_img[inside] - whole.local_img[inside]).mean() < 0.02
+
+
+def test_local_crop_pastes_into_the_background_code():
+    cfg = load_config([ROOT / "configs" / "demo.yaml", ROOT / "configs" / "smoke.yaml"], ["data.image_size=64"])
+    torch.manual_seed(0)
+    vq = build_vqgan(cfg.vqgan).eval()
+    unet = build_unet(cfg.unet, image_size=16).eval()
+    sup = BoneSuppressor(unet, vq, build_schedule(cfg.diffusion), cfg, "clean")
+    masked = torch.full((1, 64, 64), -1.0)
+    masked[:, 24:40, 24:40] = torch.rand(1, 16, 16) * 2 - 1
+    z = sup.encode_local(masked, (4, 12, 4, 12))
+    full = vq.encode_stage_2_inputs(masked[None])[0]
+    assert torch.equal(z[:, 0, 0], sup.background_latent(-1.0))
+    torch.testing.assert_close(z[:, 4:12, 4:12], vq.encode_stage_2_inputs(masked[None, :, 16:48, 16:48])[0])
+    # the centre of the box, away from its edges, is what the whole-image encoding gives
+    torch.testing.assert_close(z[:, 7:9, 7:9], full[:, 7:9, 7:9], atol=1e-6, rtol=0)   # same codes

@@ -221,6 +221,16 @@ class OutputConfig:
 
 
 @dataclass
+class InferenceConfig:
+    """Arithmetic, layout and first-stage work at inference (ldm_eval.py, benchmark.py; models/precision.py)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"   # auto: bf16 on CUDA and on CPUs measured faster
+    channels_last: bool = True
+    compile: bool = False             # torch.compile the UNet (slow first call)
+    local_crop: bool = True           # the local path encodes and decodes only the lungs' bounding box
+    crop_margin: int = 4              # latent pixels added around that box (32 px at 1024²)
+
+
+@dataclass
 class MetricsConfig:
     mode: Literal["faithful", "corrected"] = "faithful"
 
@@ -241,6 +251,7 @@ class Config:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     global_local: GlobalLocalConfig = field(default_factory=GlobalLocalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
