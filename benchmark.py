@@ -2,7 +2,7 @@
 
 Usage:
     python benchmark.py                      # demo size: configs/demo.yaml networks, 256² input
-    python benchmark.py --paper              # paper size: 1024² input, 383M UNet, 38M VQGAN (slow on a CPU)
+    python benchmark.py --paper --max-steps 2   # paper size: 1024², 383M UNet, 38M VQGAN, fp32 and auto
     python benchmark.py --quick              # tiny networks, a few steps (used by the tests)
     python benchmark.py --ldm-ckpt runs/ldm/001-distill/checkpoints/best.pt   # trained demo weights
     python benchmark.py --paper --max-steps 5 --out bench.json
@@ -16,13 +16,17 @@ Times one image through the real code paths (``models.inference``, ``models.glob
     (c) ours     distilled LCM, 4 steps, global and local paths batched (one UNet call per step, one
                  batched encoding and one batched decoding), Poisson fusion.
 
-For each: UNet calls, wall time split into VQ encoding, sampling, VQ decoding and fusion, and the
-peak memory (CUDA: ``max_memory_allocated``; CPU: the process's peak resident set size, each
-scenario in a fresh subprocess so the peaks do not mix). Weights are random unless checkpoints are
-given: timings do not depend on them. ``--max-steps N`` runs only the first N sampler steps of a
-scenario and extrapolates the sampling time linearly (marked in the table); nothing else is
-extrapolated. On CUDA, bf16 autocast and channels-last are on by default (``--no-bf16``,
-``--no-channels-last``) and ``--compile`` adds ``torch.compile`` of the UNet.
+Each scenario runs once per precision of ``--precisions`` (default ``fp32,auto``: the published
+code's arithmetic and what this project picks on the machine, see ``models/precision.py``), and
+(c) also in fp32 with the whole local path (``ours-whole``, the default before the lung box). For
+each: UNet calls, wall time split into VQ encoding, sampling, VQ decoding and fusion, the ratios to
+(c), and the peak memory (CUDA: ``max_memory_allocated``; CPU: the process's peak resident set
+size, each row in a fresh subprocess so the peaks do not mix). The header names the CPU model, its
+native bf16 instruction sets and the threads. The floating-point work per image of (b) and (c),
+counted by ``torch.utils.flop_counter`` on the same networks, is printed below the table. Weights
+are random: timings do not depend on them. ``--max-steps N`` runs only the first N sampler steps
+of a scenario and extrapolates the sampling time linearly (marked); nothing else is extrapolated.
+Channels-last is on unless ``--no-channels-last``; ``--compile`` adds ``torch.compile`` of the UNet.
 """
 from __future__ import annotations
 
@@ -33,7 +37,6 @@ import resource
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -43,10 +46,11 @@ from models import build_unet, build_vqgan, count_parameters
 from models.fusion import fuse
 from models.global_local import dual_path_sample
 from models.inference import suppress_latents
-from models.pipeline import BoneSuppressor
+from models.pipeline import BoneSuppressor, lung_box, useful_box
+from models.precision import cpu_bf16_isa, cpu_model, prepare_for_inference
 from models.schedule import build_schedule
 from utils.atomic import atomic_write_text
-from utils.config import load_config
+from utils.config import InferenceConfig, load_config
 from utils.dist import resolve_device
 
 ROOT = Path(__file__).resolve().parent
@@ -84,68 +88,109 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_scenario(name: str, size: str, max_steps: int | None, device: torch.device, bf16: bool,
-                 channels_last: bool, compile_unet: bool, seed: int = 0) -> dict:
+def synthetic_case(image: int) -> tuple[np.ndarray, np.ndarray]:
+    """A smooth "CXR" (image, image) in [0, 1] and a two-lobe "lung mask": content does not change timings."""
+    yy, xx = np.mgrid[0:image, 0:image] / image
+    cxr = (0.5 + 0.3 * np.sin(6 * xx) * np.cos(4 * yy)).astype(np.float32)
+    mask = (((xx - 0.3) ** 2 / 0.03 + (yy - 0.5) ** 2 / 0.12) < 1) | (((xx - 0.7) ** 2 / 0.03 + (yy - 0.5) ** 2 / 0.12) < 1)
+    return cxr, mask
+
+
+def run_scenario(name: str, size: str, max_steps: int | None, device: torch.device, precision: str = "fp32",
+                 channels_last: bool = True, compile_unet: bool = False, local_crop: bool = True,
+                 seed: int = 0) -> dict:
     """Time one image through scenario ``name``; returns the row of the table."""
     spec = SCENARIOS[name]
     cfg = bench_config(size)
     steps = spec["steps"] if size != "quick" else min(spec["steps"], 8)
     cfg.sampler.name, cfg.sampler.steps = spec["sampler"], steps
     cfg.global_local.leg_mode = "noise"
+    cfg.inference = InferenceConfig(precision=precision, channels_last=channels_last, compile=compile_unet,
+                                    local_crop=local_crop)
     torch.manual_seed(seed)
-    vqgan = build_vqgan(cfg.vqgan).to(device).eval().requires_grad_(False)
+    vqgan_raw = build_vqgan(cfg.vqgan).to(device).eval().requires_grad_(False)
     image = cfg.data.image_size
-    unet_raw = build_unet(cfg.unet, image_size=image // vqgan.downsample_factor).to(device).eval().requires_grad_(False)
-    if channels_last and device.type == "cuda":
-        vqgan, unet_raw = vqgan.to(memory_format=torch.channels_last), unet_raw.to(memory_format=torch.channels_last)
-    unet = CountingUNet(torch.compile(unet_raw) if compile_unet else unet_raw)
+    unet_raw = build_unet(cfg.unet, image_size=image // vqgan_raw.downsample_factor).to(device).eval().requires_grad_(False)
+    n_unet, n_vqgan = count_parameters(unet_raw), count_parameters(vqgan_raw)
+    unet_w, vqgan, arithmetic = prepare_for_inference(unet_raw, vqgan_raw, cfg.inference, device)
+    unet = CountingUNet(unet_w)
     schedule = build_schedule(cfg.diffusion)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if (bf16 and device.type == "cuda") else nullcontext()
-
-    # A smooth synthetic "CXR" and a two-lobe "lung mask": the content does not change the timings.
-    yy, xx = np.mgrid[0:image, 0:image] / image
-    cxr = (0.5 + 0.3 * np.sin(6 * xx) * np.cos(4 * yy)).astype(np.float32)
-    mask = (((xx - 0.3) ** 2 / 0.03 + (yy - 0.5) ** 2 / 0.12) < 1) | (((xx - 0.7) ** 2 / 0.03 + (yy - 0.5) ** 2 / 0.12) < 1)
+    cxr, mask = synthetic_case(image)
     x = torch.from_numpy(cxr * 2 - 1)[None, None].to(device)
     x_masked = torch.from_numpy(np.where(mask, cxr, 0) * 2 - 1)[None, None].to(device).float()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with torch.no_grad(), amp:
+    with torch.no_grad():
         # warm-up of every network on this input size (not timed): first calls allocate and tune kernels
         for _ in range(1 if size == "paper" else 2):   # one pass is enough for the heavy paper networks
             warm = vqgan.encode_stage_2_inputs(torch.cat([x, x_masked]))
             vqgan.decode(warm)
-            unet_raw(torch.cat([warm, warm], 1), torch.zeros(2, dtype=torch.long, device=device))
+            unet_w(torch.cat([warm, warm], 1), torch.zeros(2, dtype=torch.long, device=device))
         synchronize(device)
     unet.calls = 0
     if spec["batched"]:
         # (c) is exactly what ldm_eval.py runs, native-size output included (counted in "fusion").
         suppressor = BoneSuppressor(unet, vqgan, schedule, cfg, cfg.diffusion.cond_mode)
-        with amp:
-            suppressor([cxr], [mask], ["benchmark.png"])
+        if local_crop:
+            suppressor.black_latent()      # once per run, not per image
+        suppressor([cxr], [mask], ["benchmark.png"])
         synchronize(device)
         times, n_done = dict(suppressor.times), steps
     else:
         times = {}
-        n_done = _published(spec, steps, vqgan, unet, schedule, cfg, x, x_masked, cxr, mask, amp, device,
+        n_done = _published(spec, steps, vqgan, unet, schedule, cfg, x, x_masked, cxr, mask, device,
                             max_steps, seed, times)
 
     calls_per_step = unet.calls / max(n_done, 1)
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"scenario": name, "size": size, "image": image, "sampler": spec["sampler"], "steps": steps,
+    label = name if local_crop or not spec["batched"] else f"{name}-whole"
+    return {"scenario": label, "size": size, "image": image, "sampler": spec["sampler"], "steps": steps,
             "paths": spec["paths"], "batched": spec["batched"], "steps_timed": n_done,
             "extrapolated": n_done < steps, "unet_calls": int(round(calls_per_step * steps)),
             "seconds": {**times, "total": sum(times.values())}, "peak_memory_bytes": int(peak),
             "peak_memory_kind": "cuda allocated" if device.type == "cuda" else "process RSS",
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores, "
-                      f"{torch.get_num_threads()} threads)",
-            "unet_params": count_parameters(unet_raw), "vqgan_params": count_parameters(vqgan),
-            "bf16": bf16 and device.type == "cuda", "channels_last": channels_last and device.type == "cuda",
-            "compile": compile_unet}
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+            f"{cpu_model()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads, native bf16: "
+            f"{'+'.join(cpu_bf16_isa()) or 'none'})",
+            "unet_params": n_unet, "vqgan_params": n_vqgan, "precision_asked": precision,
+            "precision": arithmetic.split()[1], "arithmetic": arithmetic, "local_crop": local_crop and spec["batched"],
+            "channels_last": channels_last, "compile": compile_unet}
 
 
-def _published(spec, steps, vqgan, unet, schedule, cfg, x, x_masked, cxr, mask, amp, device, max_steps, seed,
+def flops_per_image(size: str) -> dict[str, float]:
+    """Floating-point operations per image of (b) and of (c) with the whole local path and with the
+    lung box, counted on meta-device copies of the networks (no memory, no time)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = bench_config(size)
+    with torch.device("meta"):
+        vqgan = build_vqgan(cfg.vqgan)
+        unet = build_unet(cfg.unet, image_size=cfg.data.image_size // vqgan.downsample_factor)
+    f, s = vqgan.downsample_factor, cfg.data.image_size
+
+    def count(fn, *shape) -> float:
+        with FlopCounterMode(display=False) as fc:
+            fn(torch.empty(*shape, device="meta"))
+        return float(fc.get_total_flops())
+
+    _, mask = synthetic_case(s)
+    box = useful_box(lung_box(mask, f, cfg.inference.crop_margin), s // f)
+    bh, bw = (box[1] - box[0], box[3] - box[2]) if box else (s // f, s // f)
+    enc, dec = count(vqgan.encode, 1, 1, s, s), count(vqgan.decode, 1, vqgan.embedding_dim, s // f, s // f)
+    enc_box, dec_box = count(vqgan.encode, 1, 1, bh * f, bw * f), count(vqgan.decode, 1, vqgan.embedding_dim, bh, bw)
+    with FlopCounterMode(display=False) as fc:
+        unet(torch.empty(1, cfg.unet.in_channels, s // f, s // f, device="meta"), torch.zeros(1, device="meta"))
+    path = float(fc.get_total_flops())
+    ours_steps, gl_steps = SCENARIOS["ours"]["steps"], SCENARIOS["gl-lcm"]["steps"]
+    return {"gl-lcm": 2 * enc + 2 * gl_steps * path + 2 * dec,
+            "ours-whole": 2 * enc + 2 * ours_steps * path + 3 * dec,
+            "ours": enc + enc_box + 2 * ours_steps * path + 2 * dec + dec_box,
+            "encode": enc, "encode_box": enc_box, "decode": dec, "decode_box": dec_box, "unet_path": path,
+            "box_fraction": bh * bw / (s // f) ** 2}
+
+
+def _published(spec, steps, vqgan, unet, schedule, cfg, x, x_masked, cxr, mask, device, max_steps, seed,
                times) -> int:
     """Scenarios (a) and (b), structured as the published code: one encoding, sampling and decoding
     per path, one after the other. Fills ``times``; returns the number of sampler steps run."""
@@ -157,7 +202,7 @@ def _published(spec, steps, vqgan, unet, schedule, cfg, x, x_masked, cxr, mask, 
         if max_steps is not None and j + 1 >= max_steps:
             raise StopSampling
 
-    with torch.no_grad(), amp:
+    with torch.no_grad():
         t0 = time.perf_counter()
         conds = [vqgan.encode_stage_2_inputs(x)]
         if spec["paths"] == 2:
@@ -198,46 +243,70 @@ def _published(spec, steps, vqgan, unet, schedule, cfg, x, x_masked, cxr, mask, 
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown table of the rows, with the speed-ups of sampling and end to end over (c)."""
-    ours = next((r for r in rows if r["scenario"] == "ours"), None)
-    lines = ["| scenario | sampler | steps | UNet calls | encode s | sample s | decode s | fusion s | total s | "
-             "sampling × vs ours | end-to-end × vs ours | peak memory |",
+    """Markdown table of the rows, with the speed-ups of sampling and end to end over (c) as chosen
+    (``ours`` in the last precision run, the project's default)."""
+    ours = next((r for r in reversed(rows) if r["scenario"] == "ours"), None)
+    lines = ["| scenario | precision | sampler, steps | UNet calls | encode s | sample s | decode s | fusion s | total s "
+             "| sampling × vs ours | end to end × vs ours | peak memory |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s = r["seconds"]
-        ext = f" (extrapolated from {r['steps_timed']})" if r["extrapolated"] else ""
+        ext = f" (timed {r['steps_timed']}, extrapolated)" if r["extrapolated"] else ""
         sp = f"{s['sample'] / ours['seconds']['sample']:.1f}" if ours else "-"
         tot = f"{s['total'] / ours['seconds']['total']:.1f}" if ours else "-"
-        lines.append(f"| {r['scenario']} | {r['sampler']} | {r['steps']}{ext} | {r['unet_calls']} | {s['encode']:.3f} | "
-                     f"{s['sample']:.3f} | {s['decode']:.3f} | {s['fusion']:.3f} | {s['total']:.3f} | {sp} | {tot} | "
-                     f"{r['peak_memory_bytes'] / 2**20:.0f} MiB |")
+        lines.append(f"| {r['scenario']} | {r['precision']} | {r['sampler']}, {r['steps']}{ext} | {r['unet_calls']} | "
+                     f"{s['encode']:.3f} | {s['sample']:.3f} | {s['decode']:.3f} | {s['fusion']:.3f} | {s['total']:.3f} | "
+                     f"{sp} | {tot} | {r['peak_memory_bytes'] / 2**20:.0f} MiB |")
     return "\n".join(lines)
 
 
+def plan(scenarios: list[str], precisions: list[str], device: torch.device) -> list[tuple[str, str, bool]]:
+    """(scenario, precision, local_crop) of every row: each scenario in each precision (``auto`` is
+    dropped where it resolves to one already listed), and (c) in fp32 with the whole local path."""
+    from models.precision import resolve_precision
+
+    resolved = {p: resolve_precision(p, device)[0] for p in precisions}
+    unique = [p for i, p in enumerate(precisions) if resolved[p] not in [resolved[q] for q in precisions[:i]]]
+    rows = [(name, p, True) for name in scenarios for p in unique]
+    if "ours" in scenarios:
+        rows.insert(rows.index(("ours", unique[0], True)), ("ours", "fp32", False))
+    return rows
+
+
 def main(size: str = "demo", max_steps: int | None = None, out: str | Path | None = None, device: str = "auto",
-         bf16: bool = True, channels_last: bool = True, compile_unet: bool = False,
+         precisions: tuple[str, ...] = ("fp32", "auto"), channels_last: bool = True, compile_unet: bool = False,
          scenarios: list[str] | None = None, subprocesses: bool = True) -> list[dict]:
-    """Run the scenarios (each in its own process unless ``subprocesses`` is False); print and save."""
+    """Run the rows of :func:`plan` (each in its own process unless ``subprocesses`` is False); print and save."""
     rows = []
-    for name in scenarios or list(SCENARIOS):
+    dev = resolve_device(device)
+    for name, precision, crop in plan(scenarios or list(SCENARIOS), list(precisions), dev):
         if subprocesses:
-            cmd = [sys.executable, __file__, "--_one", name, "--size", size, "--device", device]
+            cmd = [sys.executable, __file__, "--_one", name, "--size", size, "--device", device,
+                   "--precisions", precision]
             cmd += [] if max_steps is None else ["--max-steps", str(max_steps)]
-            cmd += [] if bf16 else ["--no-bf16"]
             cmd += [] if channels_last else ["--no-channels-last"]
             cmd += ["--compile"] if compile_unet else []
+            cmd += [] if crop else ["--_whole"]
             res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             if res.returncode != 0:
                 raise RuntimeError(f"benchmark scenario {name} failed:\n{res.stderr[-3000:]}")
             rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
         else:
-            rows.append(run_scenario(name, size, max_steps, resolve_device(device), bf16, channels_last, compile_unet))
-        print(f"{name}: {rows[-1]['seconds']['total']:.2f} s", file=sys.stderr)
-    print(f"\nbenchmark at the {size} size on {rows[0]['device']} (UNet {rows[0]['unet_params']:,} params, "
-          f"VQGAN {rows[0]['vqgan_params']:,} params, {rows[0]['image']}² input)\n")
+            rows.append(run_scenario(name, size, max_steps, dev, precision, channels_last, compile_unet, crop))
+        print(f"{rows[-1]['scenario']} ({rows[-1]['precision']}): {rows[-1]['seconds']['total']:.2f} s", file=sys.stderr)
+    r0 = rows[0]
+    print(f"\nbenchmark at the {size} size on {r0['device']} (UNet {r0['unet_params']:,} params, "
+          f"VQGAN {r0['vqgan_params']:,} params, {r0['image']}² input, channels-last "
+          f"{'on' if channels_last else 'off'}{', compiled UNet' if compile_unet else ''})\n")
     print(table(rows))
+    flops = flops_per_image(size)
+    print(f"\nwork per image: gl-lcm {flops['gl-lcm'] / 1e12:.2f} TFLOP, ours with the whole local path "
+          f"{flops['ours-whole'] / 1e12:.2f}, ours with the lung box {flops['ours'] / 1e12:.2f} (the box is "
+          f"{flops['box_fraction']:.0%} of the latent grid; encoding {flops['encode'] / 1e12:.2f} -> "
+          f"{flops['encode_box'] / 1e12:.2f} TFLOP, decoding {flops['decode'] / 1e12:.2f} -> "
+          f"{flops['decode_box'] / 1e12:.2f}, one UNet path {flops['unet_path'] / 1e12:.3f})")
     if out:
-        atomic_write_text(out, json.dumps(rows, indent=2) + "\n")
+        atomic_write_text(out, json.dumps({"rows": rows, "flops": flops}, indent=2) + "\n")
     return rows
 
 
@@ -251,20 +320,26 @@ def build_parser() -> argparse.ArgumentParser:
                         help="time only the first N sampler steps of each scenario and extrapolate")
     parser.add_argument("--out", help="write the rows as JSON here")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--no-bf16", dest="bf16", action="store_false")
+    parser.add_argument("--precisions", default="fp32,auto",
+                        help="comma-separated, each of fp32, bf16, fp16, auto (default fp32,auto)")
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     parser.add_argument("--compile", dest="compile_unet", action="store_true")
     parser.add_argument("--scenario", action="append", choices=list(SCENARIOS), help="run only these")
     parser.add_argument("--_one", help=argparse.SUPPRESS)
+    parser.add_argument("--_whole", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
 if __name__ == "__main__":
     args = build_parser().parse_args()
+    precisions = tuple(p.strip() for p in args.precisions.split(","))
+    bad = [p for p in precisions if p not in ("fp32", "bf16", "fp16", "auto")]
+    if bad:
+        sys.exit(f"error: --precisions: unknown {', '.join(bad)} (choose among fp32, bf16, fp16, auto)")
     if args._one:
-        row = run_scenario(args._one, args.size, args.max_steps, resolve_device(args.device), args.bf16,
-                           args.channels_last, args.compile_unet)
+        row = run_scenario(args._one, args.size, args.max_steps, resolve_device(args.device), precisions[0],
+                           args.channels_last, args.compile_unet, not args._whole)
         print(json.dumps(row))
     else:
-        main(args.size, args.max_steps, args.out, args.device, args.bf16, args.channels_last, args.compile_unet,
+        main(args.size, args.max_steps, args.out, args.device, precisions, args.channels_last, args.compile_unet,
              args.scenario)

@@ -135,7 +135,8 @@ def benchmark_table(rows: list[dict]) -> str:
     for r in rows:
         s = r["seconds"]
         steps = f"{r['steps']}" + (f" (timed {r['steps_timed']}, extrapolated)" if r.get("extrapolated") else "")
-        out.append(f"<tr><td>{r['scenario']}</td><td>{r['sampler']}</td><td>{steps}</td><td>{r['unet_calls']}</td>"
+        name = r["scenario"] + (f" ({r['precision']})" if "precision" in r else "")
+        out.append(f"<tr><td>{name}</td><td>{r['sampler']}</td><td>{steps}</td><td>{r['unet_calls']}</td>"
                    f"<td>{s['encode']:.3f}</td><td>{s['sample']:.3f}</td><td>{s['decode']:.3f}</td>"
                    f"<td>{s['fusion']:.3f}</td><td>{s['total']:.3f}</td>"
                    f"<td>{r['peak_memory_bytes'] / 2**20:.0f} MiB</td></tr>")
@@ -240,6 +241,7 @@ def main(root: str | Path, pred: str | Path, list_file: str | Path, out: str | P
     """Write the report; returns its path."""
     summaries = {k: json.loads(Path(v).read_text()) for k, v in (metrics or {}).items()}
     bench = json.loads(Path(benchmark).read_text()) if benchmark else None
+    bench = bench["rows"] if isinstance(bench, dict) else bench          # benchmark.py --out: {"rows", "flops"}
     text = build_report(Path(root), Path(pred), read_list(list_file), summaries, bench,
                         {k: Path(v) for k, v in (curves or {}).items()}, title, notes)
     atomic_write_text(out, text)

@@ -71,7 +71,7 @@ class BoneSuppressor:
         self.unet, self.vqgan, self.schedule, self.cfg, self.cond_mode = unet, vqgan, schedule, cfg, cond_mode
         self.device = next(unet.parameters()).device
         self.times = {"encode": 0.0, "sample": 0.0, "decode": 0.0, "fusion": 0.0}
-        self._background: tuple[float, torch.Tensor] | None = None
+        self._black: torch.Tensor | None = None
         if cfg.inference.crop_margin < 0:
             raise ValueError(f"inference.crop_margin must be >= 0, got {cfg.inference.crop_margin}")
 
@@ -153,22 +153,22 @@ class BoneSuppressor:
             self.times[k] += v
         return results
 
-    def background_latent(self, value: float) -> torch.Tensor:
-        """(D,) the quantised latent of a uniform image of ``value`` (the masked copy's background),
-        taken at the centre of a 32x32-latent encoding, far from any padding."""
-        if self._background is None or self._background[0] != value:
+    def black_latent(self) -> torch.Tensor:
+        """(D,) the quantised latent of a uniform black image, as surrounds the lungs in a masked copy;
+        taken at the centre of a 32x32-latent encoding, far from any padding. Computed once."""
+        if self._black is None:
             f = self.vqgan.downsample_factor
-            x = torch.full((1, 1, 32 * f, 32 * f), value, device=self.device)
-            self._background = (value, self.vqgan.encode_stage_2_inputs(x)[0, :, 16, 16].clone())
-        return self._background[1]
+            black = float(to_model(np.zeros((1, 1), np.float32), self.cfg.data.invert).flatten()[0])   # on [-1, 1]
+            x = torch.full((1, 1, 32 * f, 32 * f), black, device=self.device)
+            self._black = self.vqgan.encode_stage_2_inputs(x)[0, :, 16, 16].clone()
+        return self._black
 
     def encode_local(self, masked: torch.Tensor, box: tuple[int, int, int, int]) -> torch.Tensor:
         """(D, S/f, S/f) local-path condition of one masked copy (1, S, S): its lung box encoded alone,
         pasted into the latent of the uniform black background that surrounds the lungs."""
         f, n = self.vqgan.downsample_factor, self.cfg.data.image_size // self.vqgan.downsample_factor
-        black = float(to_model(np.zeros((1, 1), np.float32), self.cfg.data.invert).flatten()[0])   # on [-1, 1]
         y0, y1, x0, x1 = box
-        z = self.background_latent(black)[:, None, None].expand(-1, n, n).clone()
+        z = self.black_latent()[:, None, None].expand(-1, n, n).clone()
         z[:, y0:y1, x0:x1] = self.vqgan.encode_stage_2_inputs(
             masked[None, :, y0 * f:y1 * f, x0 * f:x1 * f].to(self.device))[0]
         return z

@@ -173,7 +173,7 @@ def test_local_crop_pastes_into_the_background_code():
     masked[:, 24:40, 24:40] = torch.rand(1, 16, 16) * 2 - 1
     z = sup.encode_local(masked, (4, 12, 4, 12))
     full = vq.encode_stage_2_inputs(masked[None])[0]
-    assert torch.equal(z[:, 0, 0], sup.background_latent(-1.0))
+    assert torch.equal(z[:, 0, 0], sup.black_latent())
     torch.testing.assert_close(z[:, 4:12, 4:12], vq.encode_stage_2_inputs(masked[None, :, 16:48, 16:48])[0])
     # the centre of the box, away from its edges, is what the whole-image encoding gives
     torch.testing.assert_close(z[:, 7:9, 7:9], full[:, 7:9, 7:9], atol=1e-6, rtol=0)   # same codes
