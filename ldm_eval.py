@@ -120,6 +120,8 @@ def main(cfg, ckpt: str | Path, split: str | None = "test", input_dir: str | Non
     Under ``torchrun --nproc_per_node N`` each process takes every N-th image of the sorted job list
     (its own GPU, or an equal share of the CPU cores), and the summaries are merged into one.
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     info = setup_distributed(cfg.run.device)
     device = info.device
     if info.distributed and device.type == "cpu":
@@ -209,6 +211,14 @@ def main(cfg, ckpt: str | Path, split: str | None = "test", input_dir: str | Non
     return summary
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse turns the ValueError into a one-line usage error)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = eval_parser("Bone suppression with a trained latent diffusion model.",
                          "stage-2 checkpoint (step_*.pt or best.pt)", "a folder of CXR images (PNG, JPEG, TIFF, DICOM)")
@@ -221,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--global-only", action="store_true", help="global path only (no masks, no fusion)")
     parser.add_argument("--save-paths", action="store_true",
                         help="also write the model-size global, local and fused images under <out>/paths/")
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=positive_int, default=4, help="images per batch (>= 1)")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
                         help="override inference.precision (auto: bf16 on CUDA and on CPUs measured faster)")
     parser.add_argument("--no-channels-last", action="store_true", help="inference.channels_last=false")

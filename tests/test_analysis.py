@@ -89,7 +89,7 @@ def checkpoints(tmp_path_factory):
     cfg["ldm_train"]["vqgan_ckpt"] = str(vq)
     cfg["diffusion"]["beta_schedule"] = "cosine"
     ldm = base / "ldm.pt"
-    save_checkpoint(ldm, kind="ldm", step=0, epoch=0, config=cfg, state={}, extra={"latent_size": 8})
+    save_checkpoint(ldm, kind="ldm", step=0, epoch=0, config=cfg, state={"ema": {"w": torch.zeros(1)}}, extra={"latent_size": 8})
     return vq, ldm
 
 

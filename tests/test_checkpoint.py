@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 
 import pytest
 import torch
@@ -120,3 +121,33 @@ def test_run_dir_csv_plot_grid(tmp_path):
     save_grid(a / "grid.png", [torch.rand(2, 1, 8, 8) * 2 - 1, torch.zeros(2, 1, 8, 8)])
     from PIL import Image
     assert Image.open(a / "grid.png").size == (16, 16)
+
+
+@pytest.mark.parametrize("kind,state,extra,needle", [
+    ("ldm", {}, {"latent_size": 8}, "no weights under state['unet'] or state['ema']"),
+    ("ldm", {"ema": {"w": torch.zeros(1)}}, {}, "extra['latent_size'] is missing"),
+    ("vqgan", {"model": {}}, {}, "no weights under state['model']"),
+])
+def test_header_with_empty_contents_is_refused(tmp_path, kind, state, extra, needle):
+    save_checkpoint(tmp_path / "c.pt", kind=kind, step=1, epoch=0, config=config_to_dict(Config()), state=state,
+                    extra=extra)
+    with pytest.raises(CheckpointError, match=re.escape(f"c.pt: damaged checkpoint: {needle}")):
+        load_checkpoint(tmp_path / "c.pt", kind=kind)
+
+
+def test_scripts_report_a_damaged_checkpoint_without_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    save_checkpoint(tmp_path / "e.pt", kind="ldm", step=1, epoch=0, config=config_to_dict(Config()), state={},
+                    extra={})
+    for script in ("ldm_eval.py", "analysis.py"):
+        res = subprocess.run([sys.executable, script, "--ckpt", str(tmp_path / "e.pt")], cwd=ROOT,
+                             capture_output=True, text=True)
+        assert res.returncode == 2 and "damaged checkpoint" in res.stderr and "Traceback" not in res.stderr, \
+            (script, res.stderr)
+    res = subprocess.run([sys.executable, "ldm_eval.py", "--ckpt", "x.pt", "--batch-size", "0"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "--batch-size: must be >= 1, got 0" in res.stderr

@@ -140,3 +140,33 @@ def test_schema_defaults_are_gl_lcm():
     diff = {f"{s}.{k}" for s in szch for k in szch[s] if szch[s][k] != default[s][k]}
     assert diff <= {"run.name", "data.num_workers"}, diff
     assert dataclasses.fields(Config)  # schema is a dataclass tree
+
+
+@pytest.mark.parametrize("item,needle", [
+    ("data.image_size=-32", "'data.image_size' must be >= 8, got -32"),
+    ("data.image_size=0", "'data.image_size' must be >= 8, got 0"),
+    ("data.image_size=100000", "'data.image_size' must be <= 8192, got 100000"),
+    ("ldm_train.epochs=-1", "'ldm_train.epochs' must be >= 1, got -1"),
+    ("ldm_train.ckpt_every=0", "'ldm_train.ckpt_every' must be >= 1, got 0"),
+    ("vq_train.batch_size=0", "'vq_train.batch_size' must be >= 1, got 0"),
+    ("sampler.steps=0", "'sampler.steps' must be >= 1, got 0"),
+])
+def test_out_of_range_values_are_refused_with_the_key(item, needle):
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
+        load_config([ROOT / "configs" / "demo.yaml"], [item])
+
+
+def test_out_of_range_value_in_a_file_and_in_a_checkpoint_config(tmp_path):
+    (tmp_path / "c.yaml").write_text("vq_train:\n  ckpt_every: 0\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: key 'vq_train.ckpt_every' must be >= 1"):
+        load_config([tmp_path / "c.yaml"])
+    bad = config_to_dict(Config())
+    bad["data"]["image_size"] = -1
+    with pytest.raises(ConfigError, match="ckpt.pt \\(config\\): key 'data.image_size'"):
+        config_from_dict(bad, "ckpt.pt (config)")
+
+
+def test_duplicate_yaml_keys_are_refused(tmp_path):
+    (tmp_path / "d.yaml").write_text("ldm_train:\n  epochs: 3\n  lr: 1.0e-4\n  epochs: 4\n")
+    with pytest.raises(ConfigError, match="d.yaml: invalid YAML \\(duplicate key 'epochs'.*line 4"):
+        load_config([tmp_path / "d.yaml"])

@@ -55,7 +55,7 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> dict:
         ckpt = load_safetensors(p)
         if kind is not None and ckpt.get("kind") != kind:
             raise CheckpointError(f"{p}: is a '{ckpt.get('kind')}' checkpoint, expected '{kind}'")
-        return ckpt
+        return check_contents(ckpt, p)
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -73,6 +73,28 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> dict:
                               "whole pickled models from the reference code are not loaded")
     if kind is not None and ckpt.get("kind") != kind:
         raise CheckpointError(f"{p}: is a '{ckpt.get('kind')}' checkpoint, expected '{kind}'")
+    return check_contents(ckpt, p)
+
+
+# What each kind of checkpoint must hold for the loaders: state slots (any one of them) and extra keys.
+REQUIRED = {"vqgan": (("model",), ()), "ldm": (("unet", "ema"), ("latent_size",))}
+
+
+def check_contents(ckpt: dict, path: Path) -> dict:
+    """Refuse a checkpoint with this project's header whose config, state or extra is missing or
+    empty, naming the key (instead of a KeyError deep inside a script)."""
+    for key in ("config", "state", "extra"):
+        if not isinstance(ckpt.get(key), dict):
+            raise CheckpointError(f"{path}: damaged checkpoint: '{key}' is missing or not a mapping")
+    slots, extra = REQUIRED.get(ckpt.get("kind"), ((), ()))
+    if slots and not any(isinstance(ckpt["state"].get(s), dict) and ckpt["state"][s] for s in slots):
+        where = " or ".join(f"state['{s}']" for s in slots)
+        raise CheckpointError(f"{path}: damaged checkpoint: no weights under {where}")
+    missing = [k for k in extra if k not in ckpt["extra"]]
+    if missing:
+        raise CheckpointError(f"{path}: damaged checkpoint: extra['{missing[0]}'] is missing")
+    if ckpt.get("kind") in REQUIRED and not ckpt["config"]:
+        raise CheckpointError(f"{path}: damaged checkpoint: its config is empty")
     return ckpt
 
 

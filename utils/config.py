@@ -310,6 +310,44 @@ def _coerce(value: Any, tp: Any, source: str, key: str) -> Any:
     raise ConfigError(f"{source}: key '{key}': unsupported field type {tp!r}")  # pragma: no cover - schema bug
 
 
+# Bounds of numeric keys, checked wherever a value enters (YAML, --set, a checkpoint's config), so a
+# run is refused before any work instead of failing in its first epoch: (minimum, maximum or None).
+RANGES: dict[str, tuple[float, float | None]] = {
+    "data.image_size": (8, 8192),     # 8192² is 64 MPixel per image already; larger would exhaust memory
+    "data.max_pixels": (1, None), "data.num_workers": (0, None),
+    "synthetic.n": (1, None), "synthetic.size": (8, 8192),
+    **{f"{s}.{k}": (1, None) for s in ("vq_train", "ldm_train")
+       for k in ("epochs", "batch_size", "val_every", "ckpt_every", "keep_last", "log_every")},
+    "sampler.steps": (1, None), "distill.num_ddim_timesteps": (1, None),
+    "inference.crop_margin": (0, None),
+}
+
+
+def _check_range(value: Any, source: str, key: str) -> None:
+    lo, hi = RANGES.get(key, (None, None))
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if lo is not None and value < lo:
+            raise ConfigError(f"{source}: key '{key}' must be >= {lo:g}, got {value!r}")
+        if hi is not None and value > hi:
+            raise ConfigError(f"{source}: key '{key}' must be <= {hi:g}, got {value!r}")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping with the same key twice (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}'", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _UniqueKeyLoader.construct_mapping)
+
+
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -331,6 +369,7 @@ def _merge(cls: type, base: dict, new: Any, source: str, prefix: str = "") -> No
             _merge(tp, base[key], value, source, dotted + ".")
         else:
             base[key] = _coerce(value, tp, source, dotted)
+            _check_range(base[key], source, dotted)
 
 
 def _build(cls: type, values: dict) -> Any:
@@ -373,7 +412,7 @@ def load_config(paths: list[str | Path] | tuple = (), overrides: list[str] | tup
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"{p}: cannot read config file ({e})") from None
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_UniqueKeyLoader)
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: invalid YAML ({' '.join(str(e).split())})") from None
         if data is None:
