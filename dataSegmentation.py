@@ -29,7 +29,7 @@ from tqdm import tqdm
 from data.datasets import BS, CXR, MASK, MASKED_BS, MASKED_CXR, split_location
 from data.io import ImageError, is_image_file, read_image, write_png
 from data.masking import binarize_mask, masked_copy
-from data.splits import list_images, list_paths, split_names, write_split
+from data.splits import list_images, list_paths, split_names, unusable_entry, write_split
 from utils.atomic import atomic_write_text
 from utils.config import ConfigError, add_config_args, config_from_args, save_config
 
@@ -63,6 +63,8 @@ def scan_pairs(root: str | Path, max_pixels: int | None = None, progress: bool =
         for p in sorted((root / sub).iterdir()):
             if p.is_file() and not p.name.startswith(".") and not is_image_file(p):
                 report.problems.append((str(p), "not an image file (ignored)"))
+            elif unusable_entry(p):
+                report.problems.append((str(p), unusable_entry(p)))
     cxr, bs = set(list_images(root / CXR)), set(list_images(root / BS))
     for name in sorted(cxr - bs):
         report.problems.append((str(root / CXR / name), f"no soft-tissue partner {root / BS / name}"))

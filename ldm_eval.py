@@ -93,6 +93,18 @@ def output_name(path: Path) -> str:
     return path.stem + ".png" if path.suffix.lower() in (".dcm", ".dicom") else path.name
 
 
+def check_output_names(jobs: list[Path]) -> None:
+    """Refuse, before any work, inputs whose outputs would overwrite each other (``x.png`` and ``x.dcm``
+    both give ``x.png``)."""
+    seen: dict[str, Path] = {}
+    for p in jobs:
+        name = output_name(p)
+        if name in seen:
+            raise ValueError(f"{seen[name]} and {p} would both be written as {name}; rename one of them or "
+                             "process them in separate runs")
+        seen[name] = p
+
+
 def load_mask(path: Path, mask_dir: Path | None, pixels: np.ndarray, auto: bool, max_pixels: int) -> np.ndarray:
     """The lung mask of one image: ``mask_dir/<name>`` (PNG of the same size), or the built-in segmenter."""
     if auto:
@@ -127,6 +139,10 @@ def main(cfg, ckpt: str | Path, split: str | None = "test", input_dir: str | Non
     if info.distributed and device.type == "cpu":
         # torchrun sets one thread per process; give each process its share of the cores instead.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))))
+    jobs = image_jobs(cfg, split, input_dir)
+    if not jobs:
+        raise ValueError(f"no images to process ({input_dir or split})")
+    check_output_names(jobs)
     unet, train_cfg = load_ldm(ckpt, device, weights)
     vqgan, _ = load_vqgan(resolve_first_stage(ckpt, train_cfg.ldm_train.vqgan_ckpt), device)
     unet, vqgan, arithmetic = prepare_for_inference(unet, vqgan, cfg.inference, device)
@@ -135,9 +151,6 @@ def main(cfg, ckpt: str | Path, split: str | None = "test", input_dir: str | Non
     # The model's own size and intensity convention; sampling, guidance, fusion and output from cfg.
     cfg.data.image_size, cfg.data.invert = train_cfg.data.image_size, train_cfg.data.invert
     suppressor = BoneSuppressor(unet, vqgan, build_schedule(train_cfg.diffusion), cfg, train_cfg.diffusion.cond_mode)
-    jobs = image_jobs(cfg, split, input_dir)
-    if not jobs:
-        raise ValueError(f"no images to process ({input_dir or split})")
     home = Path(ckpt).resolve().parent          # a run's checkpoints/ folder, or a converted/released model's
     home = home.parent if home.name == "checkpoints" else home
     out_dir = Path(out_dir) if out_dir else home / "eval" / (Path(input_dir).name if input_dir else split)

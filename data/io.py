@@ -224,7 +224,9 @@ def to_dicom_stored(pixels: np.ndarray, image: XrayImage) -> np.ndarray:
     if image.meta["photometric"] == "MONOCHROME1":
         x = 1.0 - x
     stored = np.round((x * (hi - lo) + lo - intercept) / slope)
-    return stored.astype(image.dicom.pixel_array.dtype)
+    # Little-endian, as the Explicit VR Little Endian file it goes into: a big-endian source's
+    # pixel_array has a '>' dtype whose bytes would otherwise be written swapped.
+    return stored.astype(image.dicom.pixel_array.dtype.newbyteorder("<"))
 
 
 def write_dicom(path: str | os.PathLike, pixels: np.ndarray, like: XrayImage,

@@ -1,6 +1,8 @@
 """Splits, list files, datasets and the dataSegmentation.py scan / report / split."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -213,3 +215,28 @@ def test_auto_masks_on_real_samples(szch_samples, tmp_path):
     mask = read_image(root / "Mask" / "0.png").pixels
     assert set(np.unique(mask)) == {0.0, 1.0} and 0.15 < mask.mean() < 0.4
     assert (root / "Masked_CXR" / "1.png").is_file() and not (root / "Mask" / "3.png").exists()
+
+
+def test_links_to_nothing_and_image_named_folders_are_named(tmp_path, capsys):
+    """A dangling link, a link loop and a folder called dir.png used to be skipped without a word."""
+    import os
+
+    import dataSegmentation
+    from utils.scripts import folder_images
+
+    for sub in ("CXR", "BS"):
+        d = tmp_path / sub
+        d.mkdir()
+        write_gray(d / "a.png", np.full((16, 16), 100, np.uint8))
+        os.symlink(d / "missing.png", d / "dangling.png")
+        os.symlink(d / "loop.png", d / "loop.png")
+        (d / "dir.png").mkdir()
+    assert [p.name for p in folder_images(tmp_path / "CXR", "x.py")] == ["a.png"]
+    err = capsys.readouterr().err
+    for name in ("dangling.png: a broken symbolic link", "loop.png: a broken symbolic link",
+                 "dir.png: a folder, not an image file"):
+        assert name in err, err
+    report = dataSegmentation.scan_pairs(tmp_path, progress=False)
+    problems = [Path(p).name + ": " + why for p, why in report.problems]
+    assert "dir.png: a folder, not an image file, ignored" in problems
+    assert sum("broken symbolic link" in p for p in problems) == 4          # two per folder

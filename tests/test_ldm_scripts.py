@@ -258,3 +258,18 @@ def test_eval_dicom_and_16bit_native_output(stage1, tmp_path, dicom_chest):
     for part in ("global", "local", "fused"):
         assert (tmp_path / "out" / "paths" / part / "chest.png").is_file()
     assert (folder / "chest.dcm").read_bytes() == dicom_chest.read_bytes()      # input untouched
+
+
+def test_inputs_whose_outputs_would_collide_are_refused_before_work(tmp_path):
+    from pathlib import Path
+
+    ldm_eval.check_output_names([Path("a/x.png"), Path("a/y.dcm"), Path("a/z.PNG")])
+    with pytest.raises(ValueError, match=r"a/x.png and a/x.dcm would both be written as x.png"):
+        ldm_eval.check_output_names([Path("a/x.png"), Path("a/x.dcm")])
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "x.png").write_bytes(b"")
+    (folder / "x.dcm").write_bytes(b"")
+    res = subprocess.run([sys.executable, "ldm_eval.py", "--ckpt", str(tmp_path / "missing.pt"), "--input", str(folder),
+                          "--config", "configs/demo.yaml", "configs/smoke.yaml"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 2 and "would both be written as x.png" in res.stderr   # before the model is loaded

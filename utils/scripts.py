@@ -58,7 +58,14 @@ def folder_images(folder: str | Path, script: str) -> list[Path]:
     d = Path(folder)
     if not d.is_dir():
         raise FileNotFoundError(f"{d}: input folder not found")
-    files = sorted(p for p in d.iterdir() if p.is_file() and not p.name.startswith("."))
+    from data.splits import unusable_entry
+
+    entries = sorted(d.iterdir())
+    for p in entries:
+        why = unusable_entry(p)
+        if why:
+            print(f"{script}: {p}: {why}", file=sys.stderr)
+    files = [p for p in entries if p.is_file() and not p.name.startswith(".")]
     for p in files:
         if not is_image_file(p):
             print(f"{script}: {p}: not an image file (ignored)", file=sys.stderr)
