@@ -173,8 +173,9 @@ def main(cfg, ckpt: str | Path, split: str | None = "test", input_dir: str | Non
                 mask = load_mask(path, mask_dir, im.pixels, auto, cfg.data.max_pixels) if gl.enabled else None
                 batch.append((im, mask))
             except (ImageError, ValueError) as e:   # unreadable image, missing mask, no lungs found
-                failures.append({"name": path.name, "error": str(e)})
-                print(f"ldm_eval.py: {e}", file=sys.stderr)
+                msg = str(e) if str(path) in str(e) else f"{path}: {e}"      # always name the file
+                failures.append({"name": path.name, "error": msg})
+                print(f"ldm_eval.py: {msg}", file=sys.stderr)
         bar.update(len(jobs[start:start + batch_size]) - len(batch))
         if not batch:
             continue

@@ -151,3 +151,21 @@ def test_scripts_report_a_damaged_checkpoint_without_traceback(tmp_path):
     res = subprocess.run([sys.executable, "ldm_eval.py", "--ckpt", "x.pt", "--batch-size", "0"], cwd=ROOT,
                          capture_output=True, text=True)
     assert res.returncode == 2 and "--batch-size: must be >= 1, got 0" in res.stderr
+
+
+def test_partial_files_of_a_killed_save_are_removed_and_writes_are_synced(tmp_path, monkeypatch):
+    import os
+
+    import utils.atomic
+
+    m = CheckpointManager(tmp_path, keep_last=2)
+    m.dir.mkdir(parents=True)
+    stale = [m.dir / ".best.pt.abc123.tmp", m.dir / ".step_0000010.pt.x.tmp"]
+    for p in stale:
+        p.write_bytes(b"\0" * 1000)                   # what a SIGKILL during torch.save leaves
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(utils.atomic.os, "fsync", lambda fd: synced.append(fd) or real(fd))
+    m.save(step=20, kind="toy", epoch=0, config={}, state={})
+    assert not any(p.exists() for p in stale) and (m.dir / "step_0000020.pt").is_file()
+    assert len(synced) >= 4                            # checkpoint + folder, latest.json + folder

@@ -1,7 +1,8 @@
 """Atomic file writes: write to a temporary file in the target folder, then ``os.replace``.
 
 A crash or SIGKILL in the middle of a write leaves either the old file or the new one, never a
-truncated mix, because ``os.replace`` is atomic within one filesystem.
+truncated mix, because ``os.replace`` is atomic within one filesystem; the file and then its folder
+are fsync'ed, so that a power cut cannot leave the new name pointing at unwritten data.
 """
 from __future__ import annotations
 
@@ -39,11 +40,27 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any], *inputs: 
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
+        _fsync(tmp)                      # the data reach the disk before the name points at them,
         os.replace(tmp, dst)
+        _fsync(dst.parent)               # and the rename itself survives a power cut
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _fsync(path: str | os.PathLike) -> None:
+    """Flush a file's (or a folder's) data to the disk; a filesystem that cannot is left as it is."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

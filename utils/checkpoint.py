@@ -172,6 +172,7 @@ class CheckpointManager:
     def save(self, *, step: int, best: bool = False, **kwargs: Any) -> Path:
         """Write ``step_NNNNNNN.pt`` (and ``best.pt``), then point ``latest.json`` at it, then prune."""
         path = self.path_for(step)
+        self.remove_partial_files()
         save_checkpoint(path, step=step, **kwargs)
         if best:
             save_checkpoint(self.dir / "best.pt", step=step, **kwargs)
@@ -180,6 +181,14 @@ class CheckpointManager:
         for old in self.step_files()[: -self.keep_last]:
             old.unlink(missing_ok=True)
         return path
+
+    def remove_partial_files(self) -> list[Path]:
+        """Delete the hidden temporary files (``.best.pt.XXXX.tmp`` ...) that a killed save left behind;
+        only the saving process writes here, so none of them can still be in use."""
+        stale = [p for p in self.dir.glob(".*.tmp") if p.is_file()] if self.dir.is_dir() else []
+        for p in stale:
+            p.unlink(missing_ok=True)
+        return stale
 
     def step_files(self) -> list[Path]:
         files = [p for p in self.dir.glob("step_*.pt") if re.fullmatch(r"step_\d{7}\.pt", p.name)]
