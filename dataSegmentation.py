@@ -30,7 +30,7 @@ from data.datasets import BS, CXR, MASK, MASKED_BS, MASKED_CXR, split_location
 from data.io import ImageError, is_image_file, read_image, write_png
 from data.masking import binarize_mask, masked_copy
 from data.splits import list_images, list_paths, split_names, unusable_entry, write_split
-from utils.atomic import atomic_write_text
+from utils.atomic import atomic_write_text, require_writable
 from utils.config import ConfigError, add_config_args, config_from_args, save_config
 
 
@@ -142,6 +142,9 @@ def main(cfg, synthetic: int | None = None, force: bool = False, strict: bool = 
     paths = list_paths(list_dir, prefix)
     if not force and any(p.exists() for p in paths.values()):
         raise FileExistsError(f"split lists already exist in {list_dir} (use --force to overwrite)")
+    if synthetic is not None or root.is_dir():       # (a missing dataset is reported by the scan)
+        require_writable(root)
+        require_writable(list_dir)
     if synthetic is not None:
         from data.phantom import write_synthetic_dataset
 

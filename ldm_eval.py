@@ -55,7 +55,7 @@ from models import build_unet, load_vqgan
 from models.pipeline import BoneSuppressor
 from models.precision import prepare_for_inference
 from models.schedule import build_schedule, eps_model
-from utils.atomic import atomic_write_text
+from utils.atomic import atomic_write_text, require_writable
 from utils.checkpoint import CheckpointError, load_checkpoint, load_state, resolve_first_stage
 from utils.config import ConfigError, config_from_dict
 from utils.dist import cleanup_distributed, setup_distributed
@@ -143,6 +143,12 @@ def main(cfg, ckpt: str | Path, split: str | None = "test", input_dir: str | Non
     if not jobs:
         raise ValueError(f"no images to process ({input_dir or split})")
     check_output_names(jobs)
+    home = Path(ckpt).resolve().parent          # a run's checkpoints/ folder, or a converted/released model's
+    home = home.parent if home.name == "checkpoints" else home
+    out_dir = Path(out_dir) if out_dir else home / "eval" / (Path(input_dir).name if input_dir else split)
+    if out_dir.exists() and out_dir.resolve() == jobs[0].parent.resolve():
+        raise ValueError(f"{out_dir}: the output folder is the input folder; choose another --out")
+    require_writable(out_dir)
     unet, train_cfg = load_ldm(ckpt, device, weights)
     vqgan, _ = load_vqgan(resolve_first_stage(ckpt, train_cfg.ldm_train.vqgan_ckpt), device)
     unet, vqgan, arithmetic = prepare_for_inference(unet, vqgan, cfg.inference, device)
@@ -151,11 +157,6 @@ def main(cfg, ckpt: str | Path, split: str | None = "test", input_dir: str | Non
     # The model's own size and intensity convention; sampling, guidance, fusion and output from cfg.
     cfg.data.image_size, cfg.data.invert = train_cfg.data.image_size, train_cfg.data.invert
     suppressor = BoneSuppressor(unet, vqgan, build_schedule(train_cfg.diffusion), cfg, train_cfg.diffusion.cond_mode)
-    home = Path(ckpt).resolve().parent          # a run's checkpoints/ folder, or a converted/released model's
-    home = home.parent if home.name == "checkpoints" else home
-    out_dir = Path(out_dir) if out_dir else home / "eval" / (Path(input_dir).name if input_dir else split)
-    if out_dir.exists() and out_dir.resolve() == jobs[0].parent.resolve():
-        raise ValueError(f"{out_dir}: the output folder is the input folder; choose another --out")
     gl = cfg.global_local
     auto = gl.enabled and gl.masks == "auto"
     mask_dir = Path(masks_dir) if masks_dir else (Path(cfg.data.root) / MASK if input_dir is None else None)

@@ -52,8 +52,8 @@ from utils.dist import (DistInfo, all_reduce_mean, autocast_context, barrier, cl
                         seed_everything, setup_distributed)
 from utils.ema import EMA
 from utils.logging import CSVLogger, get_logger, plot_curves, save_grid
-from utils.training import (check_finite, iteration_milestones, prepare_run_dir, resume_checkpoint,
-                            run_training_cli, training_parser)
+from utils.training import (check_finite, iteration_milestones, prepare_run_dir, remove_run_dir_on_failure,
+                            resume_checkpoint, run_training_cli, training_parser)
 
 STAGE = "ldm"
 FROZEN_SECTIONS = ("unet", "diffusion", "data")
@@ -123,7 +123,8 @@ def main(cfg, resume: str | Path | None = None, progress: bool = True) -> Path:
     """Train; return the run folder. See the module docstring."""
     info = setup_distributed(cfg.run.device)
     try:
-        return _train(cfg, info, resume, progress)
+        with remove_run_dir_on_failure():
+            return _train(cfg, info, resume, progress)
     finally:
         cleanup_distributed()
 

@@ -52,7 +52,7 @@ import numpy as np
 from data.io import ImageError, is_image_file, read_image
 from data.splits import read_list
 from utils.hub import ALEXNET_FILE, hub_checkpoint_path
-from utils.atomic import atomic_write_text
+from utils.atomic import atomic_write_text, UnwritableError, require_writable
 
 REFERENCE_SIZE = 1024  # the reference resizes every image to 1024² before scoring
 MODES = ("faithful", "corrected")
@@ -695,6 +695,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--{flag} {getattr(args, flag)}: not a folder")
     if args.list and not Path(args.list).is_file():
         parser.error(f"--list {args.list}: no such file")
+    try:
+        require_writable(args.out or args.pred)      # before the scoring, not after it
+    except UnwritableError as e:
+        parser.error(str(e))
 
     scorer, lpips_reason = None, lpips_unavailable_reason()
     if lpips_reason is None:

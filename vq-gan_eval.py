@@ -89,15 +89,22 @@ def main(cfg, ckpt: str | Path, split: str | None = "test", input_dir: str | Non
             failures.append({"name": rel, "error": e.reason})
             print(f"vq-gan_eval.py: {e}", file=sys.stderr)
             continue
-        rec, indices = reconstruct(model, img.pixels, cfg.data.invert, device)
+        try:
+            rec, indices = reconstruct(model, img.pixels, cfg.data.invert, device)
+            write_png(out_dir / rel, rec, bit_depth=16 if img.bit_depth > 8 else 8, inputs=(src,))
+            mse = float(np.mean((rec.astype(np.float64) - img.pixels) ** 2))
+            a, b = (torch.from_numpy(v)[None, None].float().to(device) for v in (rec, img.pixels))
+            ms = float(msssim(a, b)[0]) if min(img.size) >= 16 else math.nan
+            # SSIM's 7x7 window needs at least 7 pixels a side; smaller images get no SSIM, not an abort.
+            ssim = float(structural_similarity(img.pixels, rec, data_range=1.0)) if min(img.size) >= 7 else math.nan
+        except (ImageError, ValueError, RuntimeError) as e:
+            msg = str(e) if str(src) in str(e) else f"{src}: {e}"
+            failures.append({"name": rel, "error": msg})
+            print(f"vq-gan_eval.py: {msg}", file=sys.stderr)
+            continue
         counts += codebook_counts(indices, model.num_embeddings)
-        write_png(out_dir / rel, rec, bit_depth=16 if img.bit_depth > 8 else 8, inputs=(src,))
-        mse = float(np.mean((rec.astype(np.float64) - img.pixels) ** 2))
-        a, b = (torch.from_numpy(v)[None, None].float().to(device) for v in (rec, img.pixels))
-        ms = float(msssim(a, b)[0]) if min(img.size) >= 16 else math.nan
         rows.append({"name": rel, "height": img.size[0], "width": img.size[1],
-                     "psnr": -10 * math.log10(mse) if mse > 0 else math.inf,
-                     "ssim": float(structural_similarity(img.pixels, rec, data_range=1.0)), "msssim": ms})
+                     "psnr": -10 * math.log10(mse) if mse > 0 else math.inf, "ssim": ssim, "msssim": ms})
     summary = {"checkpoint": str(ckpt), "images": len(jobs), "scored": len(rows), "failures": failures,
                "codebook": {k: float(v) for k, v in usage_from_counts(counts).items()},
                "num_embeddings": model.num_embeddings}

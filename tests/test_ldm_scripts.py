@@ -277,3 +277,17 @@ def test_inputs_whose_outputs_would_collide_are_refused_before_work(tmp_path):
     res = subprocess.run([sys.executable, "ldm_eval.py", "--ckpt", str(tmp_path / "missing.pt"), "--input", str(folder),
                           "--config", "configs/demo.yaml", "configs/smoke.yaml"], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 2 and "would both be written as x.png" in res.stderr   # before the model is loaded
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(stage1, tmp_path, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom after the run folder was made")
+
+    monkeypatch.setattr(ldm_train, "build_unet", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        ldm_train.main(cfg_for(stage1, tmp_path, "ldm_train.epochs=1"), progress=False)
+    assert not list((tmp_path / "ldm").iterdir())          # made, then removed: nothing was trained
+    unwritable = tmp_path / "a_file"
+    unwritable.write_text("")
+    with pytest.raises(ValueError, match="cannot write output here"):
+        ldm_train.main(cfg_for(stage1, tmp_path, f"run.out_dir={unwritable}/runs"), progress=False)

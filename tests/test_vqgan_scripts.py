@@ -7,11 +7,12 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from data.io import read_image
-from tests.conftest import ROOT
+from tests.conftest import ROOT, write_gray
 from tests.scripts import load_script, smoke_config, tiny_dataset
 from utils.checkpoint import CheckpointError, load_checkpoint
 
@@ -117,10 +118,13 @@ def test_eval_reconstructs_native_size(dataset, tmp_path, capsys):
     folder.mkdir()
     (folder / "bad.png").write_bytes(b"nope")
     (folder / "good.png").write_bytes((dataset / "CXR" / "c00.png").read_bytes())
+    write_gray(folder / "tiny.png", np.full((1, 1), 90, np.uint8))       # 1x1: too small for SSIM, not fatal
     res = subprocess.run([sys.executable, "vq-gan_eval.py", "--ckpt", str(ckpt), "--input", str(folder),
                           "--out", str(tmp_path / "o"), "--no-progress"], cwd=ROOT, capture_output=True, text=True)
-    assert res.returncode == 1 and "bad.png: not a readable image" in res.stderr
-    assert (tmp_path / "o" / "good.png").is_file()
+    assert res.returncode == 1 and "bad.png: not a readable image" in res.stderr and "Traceback" not in res.stderr
+    assert (tmp_path / "o" / "good.png").is_file() and (tmp_path / "o" / "tiny.png").is_file()
+    rows = {r["name"]: r for r in csv.DictReader(open(tmp_path / "o" / "recon_metrics.csv"))}
+    assert set(rows) == {"good.png", "tiny.png"} and rows["tiny.png"]["ssim"] in ("nan", "")
 
 
 @pytest.mark.slow

@@ -49,6 +49,27 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any], *inputs: 
         raise
 
 
+class UnwritableError(ValueError):
+    """An output folder cannot be created or written to; the message names it."""
+
+
+def require_writable(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` if needed and check that a file can be written in it, before any work.
+
+    Raises:
+        UnwritableError: read-only, not a folder, missing parent that cannot be made, ...
+    """
+    d = Path(folder)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".write-test.", dir=d)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise UnwritableError(f"{d}: cannot write output here ({e.strerror or e})") from None
+    return d
+
+
 def _fsync(path: str | os.PathLike) -> None:
     """Flush a file's (or a folder's) data to the disk; a filesystem that cannot is left as it is."""
     try:

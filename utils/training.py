@@ -2,16 +2,38 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import shutil
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from utils.atomic import require_writable
 from utils.checkpoint import CheckpointManager, load_checkpoint, require_same_section
 from utils.config import ConfigError, add_config_args, config_from_args, config_to_dict, load_config
 from utils.dist import DistInfo
 from utils.logging import make_run_dir
+
+
+_CREATED: list[Path] = []        # run folders made by prepare_run_dir in this process, newest last
+
+
+@contextlib.contextmanager
+def remove_run_dir_on_failure():
+    """Around a training call: if it fails before its first checkpoint, delete the run folder it made
+    (only that one: folders of other runs, and resumed folders, are never touched)."""
+    start = len(_CREATED)
+    try:
+        yield
+    except BaseException:
+        for run_dir in _CREATED[start:]:
+            if run_dir.is_dir() and not any((run_dir / "checkpoints").glob("*.pt")):
+                shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    finally:
+        del _CREATED[start:]
 
 
 def prepare_run_dir(cfg, info: DistInfo, stage: str, resume: str | Path | None) -> Path:
@@ -21,7 +43,9 @@ def prepare_run_dir(cfg, info: DistInfo, stage: str, resume: str | Path | None) 
         if not run_dir.is_dir():
             raise FileNotFoundError(f"{run_dir}: run folder to resume not found")
     elif info.is_main:
+        require_writable(cfg.run.out_dir)
         run_dir = make_run_dir(cfg.run.out_dir, stage, cfg.run.name)
+        _CREATED.append(run_dir)
     else:
         run_dir = None
     if info.distributed:
@@ -94,4 +118,15 @@ def run_training_cli(main, parser) -> None:
         main(training_config(args, parser), resume=args.resume, progress=args.progress)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: the newest complete checkpoint is kept; continue with --resume RUN_FOLDER",
+              file=sys.stderr)
+        sys.exit(130)
+    except (OSError, RuntimeError) as err:
+        if isinstance(err, RuntimeError) and not any(
+                s in str(err) for s in ("iostream", "PytorchStreamWriter", "No space left", "file write failed")):
+            raise                      # not a write failure: a bug, keep its traceback
+        print(f"error: writing failed ({' '.join(str(err).split())[:300]}); the newest complete checkpoint is "
+              "kept (writes are atomic); free space or fix the location, then --resume RUN_FOLDER", file=sys.stderr)
         sys.exit(2)
