@@ -93,6 +93,17 @@ def output_name(path: Path) -> str:
     return path.stem + ".png" if path.suffix.lower() in (".dcm", ".dicom") else path.name
 
 
+def first_stage(ckpt: str | Path, cfg, train_cfg) -> Path:
+    """The VQGAN file: ``ldm_train.vqgan_ckpt`` as given for this evaluation if it was changed (from the
+    working directory), else the checkpoint's own (found beside it or from the working directory)."""
+    given = cfg.ldm_train.vqgan_ckpt
+    if given and given != train_cfg.ldm_train.vqgan_ckpt:
+        if not Path(given).is_file():
+            raise CheckpointError(f"ldm_train.vqgan_ckpt={given}: file not found")
+        return Path(given)
+    return resolve_first_stage(ckpt, train_cfg.ldm_train.vqgan_ckpt)
+
+
 def check_output_names(jobs: list[Path]) -> None:
     """Refuse, before any work, inputs whose outputs would overwrite each other (``x.png`` and ``x.dcm``
     both give ``x.png``)."""
@@ -150,7 +161,7 @@ def main(cfg, ckpt: str | Path, split: str | None = "test", input_dir: str | Non
         raise ValueError(f"{out_dir}: the output folder is the input folder; choose another --out")
     require_writable(out_dir)
     unet, train_cfg = load_ldm(ckpt, device, weights)
-    vqgan, _ = load_vqgan(resolve_first_stage(ckpt, train_cfg.ldm_train.vqgan_ckpt), device)
+    vqgan, _ = load_vqgan(first_stage(ckpt, cfg, train_cfg), device)
     unet, vqgan, arithmetic = prepare_for_inference(unet, vqgan, cfg.inference, device)
     if progress and info.is_main:
         print(f"ldm_eval.py: {arithmetic}", file=sys.stderr)
@@ -269,7 +280,33 @@ def config_for(args: argparse.Namespace):
         overrides.append("inference.channels_last=false")
     if args.compile:
         overrides.append("inference.compile=true")
-    return checkpoint_config(args.ckpt, STAGE, args.config, overrides)
+    cfg = checkpoint_config(args.ckpt, STAGE, args.config, overrides)
+    fixed = [o for o in args.overrides if fixed_by_checkpoint(o.split("=", 1)[0].strip())]
+    if fixed:
+        trained = checkpoint_config(args.ckpt, STAGE)
+        for item in fixed:
+            key = item.split("=", 1)[0].strip()
+            if _get(cfg, key) != _get(trained, key):
+                raise ConfigError(f"--set {item}: {key} is fixed by the checkpoint (trained with "
+                                  f"{_get(trained, key)!r}); evaluation cannot change it")
+    return cfg
+
+
+# What the trained model fixed: its size and intensity convention, architectures, schedule and training.
+FIXED_KEYS = ("data.image_size", "data.invert")
+FIXED_SECTIONS = ("vqgan.", "unet.", "diffusion.", "discriminator.", "vq_loss.", "vq_train.", "ldm_train.", "distill.")
+
+
+def fixed_by_checkpoint(key: str) -> bool:
+    """Keys an evaluation cannot change (``ldm_train.vqgan_ckpt`` can: it picks the first stage file)."""
+    return key != "ldm_train.vqgan_ckpt" and (key in FIXED_KEYS or key.startswith(FIXED_SECTIONS))
+
+
+def _get(cfg, dotted: str):
+    value = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -291,3 +292,24 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(stage1, t
     unwritable.write_text("")
     with pytest.raises(ValueError, match="cannot write output here"):
         ldm_train.main(cfg_for(stage1, tmp_path, f"run.out_dir={unwritable}/runs"), progress=False)
+
+
+def test_eval_overrides_that_cannot_apply_are_errors_and_vqgan_ckpt_applies(stage1, tmp_path):
+    root, vq = stage1
+    run = ldm_train.main(cfg_for(stage1, tmp_path, "ldm_train.epochs=1"), progress=False)
+    ckpt = str(run / "checkpoints" / "best.pt")
+    parse = ldm_eval.build_parser().parse_args
+    with pytest.raises(ConfigError, match=r"--set data.image_size=64: data.image_size is fixed by the checkpoint"):
+        ldm_eval.config_for(parse(["--ckpt", ckpt, "--set", "data.image_size=64"]))
+    with pytest.raises(ConfigError, match="unet.model_channels is fixed"):
+        ldm_eval.config_for(parse(["--ckpt", ckpt, "--set", "unet.model_channels=64"]))
+    ldm_eval.config_for(parse(["--ckpt", ckpt, "--set", "data.image_size=32"]))     # the trained value: harmless
+    # a moved first stage, named at evaluation time, is used; a wrong one is an error naming the key
+    moved = tmp_path / "elsewhere.pt"
+    moved.write_bytes(Path(vq).read_bytes())
+    cfg = ldm_eval.config_for(parse(["--ckpt", ckpt, "--set", f"ldm_train.vqgan_ckpt={moved}"]))
+    summary = ldm_eval.main(cfg, ckpt, out_dir=tmp_path / "out", masks_dir=str(root / "Mask"), progress=False)
+    assert summary["written"] > 0
+    cfg = ldm_eval.config_for(parse(["--ckpt", ckpt, "--set", "ldm_train.vqgan_ckpt=nope.pt"]))
+    with pytest.raises(CheckpointError, match="ldm_train.vqgan_ckpt=nope.pt: file not found"):
+        ldm_eval.main(cfg, ckpt, out_dir=tmp_path / "out2", progress=False)
