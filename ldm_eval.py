@@ -175,6 +175,9 @@ def main(cfg, ckpt: str | Path, split: str | None = "test", input_dir: str | Non
     skipped = [p for p in jobs if not overwrite and (out_dir / output_name(p)).is_file()]
     jobs = [p for p in jobs if p not in skipped]
     failures, done = [], 0
+    derivation = (f"Bone suppression by {'GL-LCM global-local' if gl.enabled else 'latent diffusion'} sampling "
+                  f"({cfg.sampler.name}, {cfg.sampler.steps} steps) of {Path(ckpt).name}; output "
+                  f"{cfg.output.mode}; research use, not for diagnosis")
     bar = tqdm(total=len(jobs), desc=f"bone suppression{f' (rank {info.rank})' if info.distributed else ''}",
                disable=not progress, position=info.rank)
     for start in range(0, len(jobs), batch_size):
@@ -196,7 +199,8 @@ def main(cfg, ckpt: str | Path, split: str | None = "test", input_dir: str | Non
         for (im, _), res in zip(batch, results):
             src = Path(im.path)
             if im.dicom is not None:
-                write_dicom(out_dir / src.name, res.soft, im)
+                write_dicom(out_dir / src.name, res.soft, im, subtraction=cfg.output.mode == "native_residual",
+                            derivation=derivation)
             if save_paths:
                 for part, img in (("global", res.global_img), ("local", res.local_img), ("fused", res.fused)):
                     if img is not None:

@@ -244,3 +244,63 @@ def test_big_endian_dicom_round_trips(tmp_path):
     out = pydicom.dcmread(tmp_path / "out.dcm")
     assert out.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
     np.testing.assert_array_equal(out.pixel_array.astype(np.int64), pydicom.dcmread(src).pixel_array.astype(np.int64))
+
+
+def _testdata(name):
+    from pydicom.data import get_testdata_file
+
+    return get_testdata_file(name)
+
+
+def test_jpeg_lossless_dicom_is_read_and_written_uncompressed(tmp_path):
+    """JPEG-LL.dcm (JPEG Lossless, process 14, the usual CR/DX archive encoding) needs a decoder,
+    which the requirements install (pylibjpeg + pylibjpeg-libjpeg)."""
+    import pydicom
+
+    src = _testdata("JPEG-LL.dcm")
+    im = read_image(src)
+    assert im.size == (1024, 256) and im.bit_depth == 16
+    write_dicom(tmp_path / "out.dcm", im.pixels, im)
+    out = pydicom.dcmread(tmp_path / "out.dcm")
+    assert out.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+    assert out["PixelData"].VR == "OW"                 # no longer the encapsulated source's OB
+    np.testing.assert_array_equal(out.pixel_array, pydicom.dcmread(src).pixel_array)
+
+
+def test_derived_dicom_is_a_labelled_new_series_pointing_at_its_source(dicom_chest, tmp_path):
+    import pydicom
+
+    im = read_image(dicom_chest)
+    write_dicom(tmp_path / "out.dcm", im.pixels, im, derivation="test derivation")
+    src, out = pydicom.dcmread(dicom_chest), pydicom.dcmread(tmp_path / "out.dcm")
+    assert out.StudyInstanceUID == src.StudyInstanceUID and out.PatientID == src.PatientID
+    assert out.SOPInstanceUID != src.SOPInstanceUID and out.SeriesInstanceUID != src.SeriesInstanceUID
+    assert out.file_meta.MediaStorageSOPInstanceUID == out.SOPInstanceUID
+    assert out.SeriesNumber == int(src.get("SeriesNumber") or 0) + 1000 and out.InstanceNumber == 1
+    assert out.Manufacturer.startswith("bone-suppression toolkit") and out.SoftwareVersions
+    assert list(out.ImageType)[:2] == ["DERIVED", "SECONDARY"] and out.DerivationDescription == "test derivation"
+    assert "not for diagnosis" in out.ImageComments and "bone suppressed" in out.SeriesDescription
+    (ref,) = out.SourceImageSequence
+    assert ref.ReferencedSOPInstanceUID == src.SOPInstanceUID and ref.ReferencedSOPClassUID == src.SOPClassUID
+    (code,) = out.DerivationCodeSequence
+    assert (code.CodeValue, code.CodingSchemeDesignator) == ("113062", "DCM")
+    assert out.ContentDate != src.get("ContentDate")
+
+
+@pytest.mark.parametrize("name", ["RG1_UNCR.dcm", "JPEG-LL.dcm", "MR_small_bigendian.dcm"])
+def test_derived_dicom_adds_no_error_for_dciodvfy(tmp_path, name):
+    """dicom3tools' validator: the derived file has no error its source does not already have."""
+    import shutil
+    import subprocess
+
+    if shutil.which("dciodvfy") is None:
+        pytest.skip("dciodvfy (Debian's dicom3tools) is not installed")
+    src = _testdata(name)
+    im = read_image(src)
+    write_dicom(tmp_path / "out.dcm", im.pixels, im)
+
+    def errors(path):
+        res = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+        return {line for line in (res.stdout + res.stderr).splitlines() if line.startswith("Error")}
+
+    assert errors(tmp_path / "out.dcm") <= errors(src), errors(tmp_path / "out.dcm") - errors(src)
