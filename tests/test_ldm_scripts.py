@@ -313,3 +313,22 @@ def test_eval_overrides_that_cannot_apply_are_errors_and_vqgan_ckpt_applies(stag
     cfg = ldm_eval.config_for(parse(["--ckpt", ckpt, "--set", "ldm_train.vqgan_ckpt=nope.pt"]))
     with pytest.raises(CheckpointError, match="ldm_train.vqgan_ckpt=nope.pt: file not found"):
         ldm_eval.main(cfg, ckpt, out_dir=tmp_path / "out2", progress=False)
+
+
+def test_moved_run_tree_finds_its_first_stage_from_anywhere(stage1, tmp_path, monkeypatch):
+    """Runs trained with relative paths, then the whole project folder moved and used from elsewhere."""
+    import shutil
+
+    root, vq = stage1
+    proj = tmp_path / "proj"
+    (proj / "runs" / "vqgan" / "000-smoke" / "checkpoints").mkdir(parents=True)
+    shutil.copy(vq, proj / "runs" / "vqgan" / "000-smoke" / "checkpoints" / "best.pt")
+    monkeypatch.chdir(proj)
+    run = ldm_train.main(smoke_config(root, Path("runs"), "ldm_train.epochs=1",
+                                      "ldm_train.vqgan_ckpt=runs/vqgan/000-smoke/checkpoints/best.pt"), progress=False)
+    shutil.move(str(proj), str(tmp_path / "moved"))
+    monkeypatch.chdir(tmp_path)
+    ckpt = tmp_path / "moved" / run / "checkpoints" / "best.pt"
+    cfg = ldm_eval.config_for(ldm_eval.build_parser().parse_args(["--ckpt", str(ckpt)]))
+    summary = ldm_eval.main(cfg, ckpt, out_dir=tmp_path / "out", masks_dir=str(root / "Mask"), progress=False)
+    assert summary["written"] > 0 and not summary["failures"]

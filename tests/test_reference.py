@@ -343,9 +343,15 @@ def test_export_of_a_run_and_refusals(tmp_path):
 def test_first_stage_found_beside_the_checkpoint_or_from_the_working_directory(tmp_path, monkeypatch):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "vqgan.pt").write_bytes(b"x")
-    assert resolve_first_stage(tmp_path / "a" / "ldm.pt", "vqgan.pt") == tmp_path / "a" / "vqgan.pt"
+    assert resolve_first_stage(tmp_path / "a" / "ldm.pt", "vqgan.pt") == (tmp_path / "a" / "vqgan.pt").resolve()
     monkeypatch.chdir(tmp_path)
     assert resolve_first_stage(tmp_path / "b" / "ldm.pt", "a/vqgan.pt") == Path("a/vqgan.pt")
+    # a whole runs/ tree moved, the command run from elsewhere: found from a folder above the checkpoint
+    (tmp_path / "moved" / "runs" / "vqgan").mkdir(parents=True)
+    (tmp_path / "moved" / "runs" / "vqgan" / "best.pt").write_bytes(b"x")
+    monkeypatch.chdir(tmp_path / "a")
+    assert resolve_first_stage(tmp_path / "moved" / "runs" / "ldm" / "checkpoints" / "best.pt",
+                               "runs/vqgan/best.pt") == tmp_path / "moved" / "runs" / "vqgan" / "best.pt"
     with pytest.raises(CheckpointError, match="first stage nope.pt was not found"):
         resolve_first_stage(tmp_path / "a" / "ldm.pt", "nope.pt")
     with pytest.raises(CheckpointError, match="no ldm_train.vqgan_ckpt"):

@@ -103,7 +103,9 @@ def resolve_first_stage(ckpt_path: str | Path, vqgan_ckpt: str) -> Path:
 
     A relative path is tried first against the checkpoint's own folder (a converted or released
     model names its ``vqgan.pt`` / ``vqgan.safetensors`` beside it, so the folder can move), then
-    against the working directory (training runs store the path they were given).
+    against the working directory (training runs store the path they were given), then against each
+    folder above the checkpoint (so ``runs/vqgan/...`` is found when the whole ``runs/`` tree moved or
+    the command runs from elsewhere).
 
     Raises:
         CheckpointError: the config names no first stage, or the file is in neither place.
@@ -111,11 +113,12 @@ def resolve_first_stage(ckpt_path: str | Path, vqgan_ckpt: str) -> Path:
     if not vqgan_ckpt:
         raise CheckpointError(f"{ckpt_path}: its config has no ldm_train.vqgan_ckpt (the first stage)")
     stored = Path(vqgan_ckpt)
-    candidates = [stored] if stored.is_absolute() else [Path(ckpt_path).parent / stored, stored]
+    here = Path(ckpt_path).resolve().parent
+    candidates = [stored] if stored.is_absolute() else [here / stored, stored, *(a / stored for a in here.parents)]
     found = next((c for c in candidates if c.is_file()), None)
     if found is None:
-        raise CheckpointError(f"{ckpt_path}: its first stage {vqgan_ckpt} was not found (looked in "
-                              + " and ".join(str(c) for c in candidates) + ")")
+        raise CheckpointError(f"{ckpt_path}: its first stage {vqgan_ckpt} was not found beside it, from the working "
+                              "directory or from any folder above it; give --set ldm_train.vqgan_ckpt=FILE")
     return found
 
 
