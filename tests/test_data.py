@@ -240,3 +240,13 @@ def test_links_to_nothing_and_image_named_folders_are_named(tmp_path, capsys):
     problems = [Path(p).name + ": " + why for p, why in report.problems]
     assert "dir.png: a folder, not an image file, ignored" in problems
     assert sum("broken symbolic link" in p for p in problems) == 4          # two per folder
+
+
+def test_unwritable_list_folder_is_refused_before_the_scan(pair_folder, tmp_path):
+    from tests.scripts import smoke_config
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    cfg = smoke_config(pair_folder, tmp_path / "runs", f"data.split.list_dir={blocker / 'lists'}")
+    with pytest.raises(ValueError, match="cannot write output here"):
+        dataSegmentation.main(cfg, progress=False)

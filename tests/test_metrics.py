@@ -354,3 +354,12 @@ def test_real_pairs_cli_identity_with_random_lpips(szch_samples, tmp_path, rando
                  "--out", str(tmp_path)])
     assert rc == 0
     assert "| BSR, published (%) ↑ | 74.070 ± 7.937 |" in capsys.readouterr().out
+
+
+def test_unwritable_output_is_refused_before_scoring(pair_folder, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as exc:
+        M.main(["--cxr", str(pair_folder / "CXR"), "--gt", str(pair_folder / "BS"), "--pred", str(pair_folder / "BS"),
+                "--out", str(blocker / "out")])
+    assert exc.value.code == 2 and "cannot write output here" in capsys.readouterr().err
