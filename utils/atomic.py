@@ -54,17 +54,26 @@ class UnwritableError(ValueError):
 
 
 def require_writable(folder: str | os.PathLike) -> Path:
-    """Create ``folder`` if needed and check that a file can be written in it, before any work.
+    """Check, before any work and without creating anything, that files can be written in ``folder``:
+    an existing folder by writing a temporary file there, a missing one by its nearest existing
+    parent, which must be a folder it can be made in.
 
     Raises:
-        UnwritableError: read-only, not a folder, missing parent that cannot be made, ...
+        UnwritableError: read-only, under a file, ...; the message names the folder.
     """
     d = Path(folder)
+    base = d
+    while not base.exists() and base != base.parent:
+        base = base.parent
     try:
-        d.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".write-test.", dir=d)
-        os.close(fd)
-        os.unlink(tmp)
+        if not base.is_dir():
+            raise NotADirectoryError(f"{base} is not a folder")
+        if base == d:
+            fd, tmp = tempfile.mkstemp(prefix=".write-test.", dir=d)
+            os.close(fd)
+            os.unlink(tmp)
+        elif not os.access(base, os.W_OK | os.X_OK):
+            raise PermissionError(f"{base} is not writable")
     except OSError as e:
         raise UnwritableError(f"{d}: cannot write output here ({e.strerror or e})") from None
     return d
