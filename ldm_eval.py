@@ -59,7 +59,7 @@ from utils.atomic import atomic_write_text, require_writable
 from utils.checkpoint import CheckpointError, load_checkpoint, load_state, resolve_first_stage
 from utils.config import ConfigError, config_from_dict
 from utils.dist import cleanup_distributed, setup_distributed
-from utils.scripts import checkpoint_config, eval_parser, folder_images
+from utils.scripts import checkpoint_config, eval_parser, folder_images, naming_file
 
 STAGE = "ldm"
 
@@ -188,7 +188,7 @@ def main(cfg, ckpt: str | Path, split: str | None = "test", input_dir: str | Non
                 mask = load_mask(path, mask_dir, im.pixels, auto, cfg.data.max_pixels) if gl.enabled else None
                 batch.append((im, mask))
             except (ImageError, ValueError) as e:   # unreadable image, missing mask, no lungs found
-                msg = str(e) if str(path) in str(e) else f"{path}: {e}"      # always name the file
+                msg = naming_file(path, e)
                 failures.append({"name": path.name, "error": msg})
                 print(f"ldm_eval.py: {msg}", file=sys.stderr)
         bar.update(len(jobs[start:start + batch_size]) - len(batch))

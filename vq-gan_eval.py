@@ -41,7 +41,7 @@ from utils.atomic import atomic_write_text
 from utils.checkpoint import CheckpointError
 from utils.config import ConfigError
 from utils.dist import resolve_device
-from utils.scripts import checkpoint_config, eval_parser, folder_images
+from utils.scripts import checkpoint_config, eval_parser, folder_images, naming_file
 
 STAGE = "vqgan"
 
@@ -98,7 +98,7 @@ def main(cfg, ckpt: str | Path, split: str | None = "test", input_dir: str | Non
             # SSIM's 7x7 window needs at least 7 pixels a side; smaller images get no SSIM, not an abort.
             ssim = float(structural_similarity(img.pixels, rec, data_range=1.0)) if min(img.size) >= 7 else math.nan
         except (ImageError, ValueError, RuntimeError) as e:
-            msg = str(e) if str(src) in str(e) else f"{src}: {e}"
+            msg = naming_file(src, e)
             failures.append({"name": rel, "error": msg})
             print(f"vq-gan_eval.py: {msg}", file=sys.stderr)
             continue

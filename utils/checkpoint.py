@@ -53,9 +53,15 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> dict:
         from utils.release import load_safetensors
 
         ckpt = load_safetensors(p)
-        if kind is not None and ckpt.get("kind") != kind:
-            raise CheckpointError(f"{p}: is a '{ckpt.get('kind')}' checkpoint, expected '{kind}'")
-        return check_contents(ckpt, p)
+    else:
+        ckpt = _load_pt(p)
+    if kind is not None and ckpt.get("kind") != kind:
+        raise CheckpointError(f"{p}: is a '{ckpt.get('kind')}' checkpoint, expected '{kind}'")
+    return check_contents(ckpt, p)
+
+
+def _load_pt(p: Path) -> dict:
+    """A ``.pt`` checkpoint with this project's header, read with ``weights_only=True``."""
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -71,9 +77,7 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{p}: not a checkpoint of this project (no '{FORMAT}' header); "
                               "whole pickled models from the reference code are not loaded")
-    if kind is not None and ckpt.get("kind") != kind:
-        raise CheckpointError(f"{p}: is a '{ckpt.get('kind')}' checkpoint, expected '{kind}'")
-    return check_contents(ckpt, p)
+    return ckpt
 
 
 # What each kind of checkpoint must hold for the loaders: state slots (any one of them) and extra keys.

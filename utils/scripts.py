@@ -70,3 +70,8 @@ def folder_images(folder: str | Path, script: str) -> list[Path]:
         if not is_image_file(p):
             print(f"{script}: {p}: not an image file (ignored)", file=sys.stderr)
     return [p for p in files if is_image_file(p)]
+
+
+def naming_file(path: str | Path, err: Exception) -> str:
+    """``err``'s message, prefixed with ``path`` unless it already names it (per-image failure lines)."""
+    return str(err) if str(path) in str(err) else f"{path}: {err}"
