@@ -12,6 +12,14 @@ or clip_r0_local, the same κ, §4.3) and draws its re-noising noise from its ow
 global path is exactly the single-path sampler of :func:`models.samplers.sample` and does not depend
 on anything the local path does. Decoding and pixel-space fusion live in :mod:`models.fusion`.
 
+Structure. The two paths are ONE run of the project's one sampler loop, :func:`models.samplers.sample`,
+on the stacked latent [x_g ; x_l] (2B, 4, h, w). :func:`dual_path_denoiser` is its ``denoise_fn``: the
+branches' network call, and LEG, which needs ε_g or a third branch and so belongs where the local
+path's estimate is formed. :class:`models.samplers.BlockGenerators` gives each half its own
+generator(s) and :func:`models.samplers.block_clip_ranges` its own clip ranges; the steps are
+elementwise, so each half is stepped exactly as it would be alone. :func:`dual_path_sample` computes
+the grid and the ranges once and wires these together.
+
 Cost. Every step is ONE network call on the concatenated batch [x_g ; c_g] + [x_l ; c_l] (2B), or
 3B for ``global_cond`` LEG, which adds [x_l ; c_g] (§9: one batch-2 call is ~1.26x cheaper than two
 calls on a CPU). ``batched=False`` makes separate calls per branch instead; it exists to test the
@@ -21,29 +29,30 @@ Random draws, in this order within step j (only the order *per generator* matter
 
 1. (before step 0, only when ``x_T`` is None) x_T from ``generators_global``;
 2. LEG ξ_j (mode ``noise`` only) from ``generators_local``, even when α = 1, so that the local
-   stream has the same layout for every α;
+   stream has the same layout for every α (drawn inside the denoiser);
 3. the global path's step noise from ``generators_global`` (none on the last step);
 4. the local path's step noise from ``generators_local`` (none on the last step).
 
-This is the reference's order (``randn_like`` for LEG, then the global step, then the local step) with
-per-path generators instead of the unseeded global RNG (§7.20). A list of B generators per path makes
-every batch element's sample independent of the batch it is computed in (LEG's std is per sample too).
+(3 and 4 are the stacked batch's step noise, its blocks in order.) This is the reference's order
+(``randn_like`` for LEG, then the global step, then the local step) with per-path generators instead
+of the unseeded global RNG (§7.20). A list of B generators per path makes every batch element's
+sample independent of the batch it is computed in (LEG's std is per sample too).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 
-from models.inference import LATENT_CHANNELS, tat_ranges
-from models.samplers import StepOutput, sample_timesteps, sampler_step
+from models.inference import LATENT_CHANNELS, sampler_grid, tat_ranges
+from models.samplers import BlockGenerators, DenoiseFn, Generators, StepOutput, block_clip_ranges, sample
 from models.schedule import NoiseSchedule, model_input_sample, randn
 
-__all__ = ["LEG_MODES", "local_enhanced_guidance", "dual_path_sample", "sequential_dual_path_sample"]
+__all__ = ["LEG_MODES", "local_enhanced_guidance", "dual_path_denoiser", "dual_path_sample",
+           "sequential_dual_path_sample"]
 
 LEG_MODES = ("none", "noise", "global_pred", "global_cond")
 
-Generators = torch.Generator | Sequence[torch.Generator] | None
 DualCallback = Callable[[int, int, StepOutput, StepOutput], None]
 
 
@@ -111,8 +120,79 @@ def local_enhanced_guidance(eps_local: torch.Tensor, alpha: float, mode: str,
 
 
 # --------------------------------------------------------------------------------------------------
-# Dual-path sampling (§5.1)
+# Dual-path sampling (§5.1): a denoiser of the stacked batch, run by the one loop of models.samplers
 # --------------------------------------------------------------------------------------------------
+
+def dual_path_denoiser(unet: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], schedule: NoiseSchedule,
+                       cond_global: torch.Tensor, cond_local: torch.Tensor, cond_mode: str, leg_mode: str,
+                       alpha: float, generators_local: Generators = None,
+                       leg_std_channels: int = LATENT_CHANNELS, batched: bool = True) -> DenoiseFn:
+    """Both paths as one ε-model of the stacked latent, LEG applied to the local half (§5.1, §5.2):
+
+        denoise_fn(x (2B, 4, h, w) = [x_g ; x_l], t (2B,) long) -> (2B, 4, h, w) = [ε_g ; ε̃_l]
+
+    with ε_g = ε_θ([x_g ; c_g]), ε_l = ε_θ([x_l ; c_l]) and ε̃_l = LEG(ε_l, α, ``leg_mode``, …) as in
+    :func:`local_enhanced_guidance` (``global_pred`` uses ε_g; ``global_cond`` a third branch
+    ε_θ([x_l ; c_g]), left out when α = 1, where LEG is the identity). Only the 4 target channels are
+    returned (§7.4); the condition is re-attached at every call by
+    :func:`models.schedule.model_input_sample` according to ``cond_mode`` (§3.5), which is what the
+    reference's "reset the condition channels" achieved.
+
+    Args:
+        unet: ``unet(x (N, 8, h, w), t (N,) long) -> (N, C_out >= 4, h, w)``, e.g.
+            :class:`models.unet.UNetModel` in eval mode.
+        schedule: the noise schedule the model was trained with.
+        cond_global, cond_local: (B, 4, h, w) latents c_g (full CXR) and c_l (lung-masked CXR).
+        cond_mode: condition handling at sampling time (``clean``, ``bug_compatible``,
+            ``scaled_consistent``).
+        leg_mode, alpha: LEG mode (one of :data:`LEG_MODES`) and weight α.
+        generators_local: source of LEG's ξ (``noise`` mode; one draw per call).
+        leg_std_channels: ``noise`` mode: the leading output channels σ is taken over (8 = the
+            reference's std over all outputs of an 8-output network).
+        batched: one network call on the 2B (3B) batch, or one call of B per branch (same result up
+            to float rounding of batched convolutions).
+
+    Raises (when called):
+        ValueError: the network returns fewer than 4 (or ``leg_std_channels``) channels.
+    """
+    b = cond_global.shape[0]
+    # The third branch is only needed when it can change the result.
+    conds = [cond_global, cond_local] + ([cond_global] if leg_mode == "global_cond" and alpha != 1 else [])
+    need = max(LATENT_CHANNELS, leg_std_channels if leg_mode == "noise" else 0)
+
+    def denoise_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        latents = [x[:b], x[b:], x[b:]][:len(conds)]         # the local latent feeds the third branch
+        raw = _branch_outputs(unet, schedule, latents, conds, [t[:b], t[b:], t[b:]][:len(conds)], cond_mode,
+                              batched)
+        if raw[0].shape[1] < need:
+            raise ValueError(f"network returned {raw[0].shape[1]} channels; need {LATENT_CHANNELS}"
+                             + (f" and leg_std_channels={leg_std_channels}" if leg_mode == "noise" else ""))
+        return torch.cat(_guided_pair(raw, leg_mode, alpha, generators_local, leg_std_channels))
+
+    return denoise_fn
+
+
+def _branch_outputs(unet: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], schedule: NoiseSchedule,
+                    latents: list[torch.Tensor], conds: list[torch.Tensor], ts: list[torch.Tensor],
+                    cond_mode: str, batched: bool) -> list[torch.Tensor]:
+    """Raw network outputs (B, C_out, h, w) of the branches [latents[i] ; conds[i]] at ts[i]
+    (each (B, 4, h, w), (B, 4, h, w), (B,)): one call on their concatenation, or one per branch."""
+    inputs = [model_input_sample(z, c, t, schedule, cond_mode) for z, c, t in zip(latents, conds, ts)]
+    if not batched:
+        return [unet(x_in, t) for x_in, t in zip(inputs, ts)]
+    return list(unet(torch.cat(inputs), torch.cat(ts)).split(latents[0].shape[0]))
+
+
+def _guided_pair(raw: list[torch.Tensor], leg_mode: str, alpha: float, generator: Generators,
+                 leg_std_channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ε_g, ε̃_l), each (B, 4, h, w) float32, from the raw outputs of the 2 or 3 branches."""
+    eps_g, eps_l = (r[:, :LATENT_CHANNELS].float() for r in raw[:2])
+    eps_ref = eps_g if leg_mode == "global_pred" else (raw[2][:, :LATENT_CHANNELS].float()
+                                                       if len(raw) == 3 else None)
+    std_over = (raw[1][:, :leg_std_channels].float()
+                if leg_mode == "noise" and leg_std_channels != LATENT_CHANNELS else None)
+    return eps_g, local_enhanced_guidance(eps_l, alpha, leg_mode, eps_ref, generator, std_over)
+
 
 @torch.no_grad()
 def dual_path_sample(unet: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], schedule: NoiseSchedule,
@@ -125,39 +205,28 @@ def dual_path_sample(unet: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                      timestep_scaling: float = 10.0) -> tuple[torch.Tensor, torch.Tensor]:
     """GL-LCM dual-path sampling: global and local soft-tissue latents from one shared x_T (§5.1).
 
-    Per step j at timestep t (grid of ``sampler_cfg.name`` / ``steps``, as in
-    :func:`models.samplers.sample`):
+    One run of :func:`models.samplers.sample` on the stacked latent (grid of ``sampler_cfg.name`` /
+    ``steps``, computed once here); per step j at timestep t:
 
-        raw = unet([x_g ; c_g] ‖ [x_l ; c_l] (‖ [x_l ; c_g] for global_cond), t)   # one call
-        ε_g, ε_l (, ε_ref) = raw[:, :4] split per branch
-        ε̃_l = LEG(ε_l, α, leg_mode, ...)                     (see local_enhanced_guidance)
-        x_g ← step(ε_g, x_g, clip r0_global + κ·j, generators_global)
-        x_l ← step(ε̃_l, x_l, clip r0_local + κ·j, generators_local)
+        [ε_g ; ε̃_l] = dual_path_denoiser([x_g ; x_l], t)            # one network call, LEG inside
+        [x_g ; x_l] ← step([ε_g ; ε̃_l], [x_g ; x_l], clip [r_g,j ; r_l,j],
+                           BlockGenerators(generators_global, generators_local))
 
-    Only the 4 target channels are stepped (§7.4); the condition is re-attached at every call by
-    :func:`models.schedule.model_input_sample` according to ``cond_mode`` (§3.5), which is what the
-    reference's "reset the condition channels" achieved. The ``global_cond`` reference branch is
-    skipped when α = 1 (LEG is then the identity).
+    i.e., element for element, x_g ← step(ε_g, x_g, r0_global + κ·j, generators_global) and then
+    x_l ← step(ε̃_l, x_l, r0_local + κ·j, generators_local) (§4.3 ranges; ``sampler.clip_index``).
 
     Args:
-        unet: ``unet(x (N, 8, h, w), t (N,) long) -> (N, C_out >= 4, h, w)``, e.g.
-            :class:`models.unet.UNetModel` in eval mode.
-        schedule: the noise schedule the model was trained with.
-        cond_global: (B, 4, h, w) latent of the full CXR, c_g.
-        cond_local: (B, 4, h, w) latent of the lung-masked CXR, c_l.
+        unet, schedule, cond_global, cond_local, cond_mode, batched: as :func:`dual_path_denoiser`
+            (conditions (B, 4, h, w)).
         sampler_cfg: :class:`utils.config.SamplerConfig` (name, steps, eta, clip, clip_r0_global,
-            clip_r0_local, clip_kappa, clip_off_by_one).
+            clip_r0_local, clip_kappa, clip_off_by_one, clip_index).
         gl_cfg: :class:`utils.config.GlobalLocalConfig` (leg_mode, alpha; ``enabled`` and the fusion
             fields are the caller's business).
-        cond_mode: condition handling at sampling time (``clean``, ``bug_compatible``,
-            ``scaled_consistent``).
         generators_global: source of x_T (when not given) and of the global path's step noise; a
             generator, a list of B generators, or None (global RNG, unseeded like the reference).
         generators_local: source of LEG's ξ and of the local path's step noise (same forms).
         x_T: optional (B, 4, h, w) initial latent shared by both paths.
         progress: show a tqdm bar.
-        batched: one network call per step (default) or one per branch (same result up to float
-            rounding of batched convolutions).
         leg_std_channels: LEG ``noise`` only: number of leading output channels over which σ is
             computed; 4 (the supervised channels) by default, 8 reproduces the reference's std over
             all 8 outputs of an 8-output network. None: ``gl_cfg.leg_std_channels`` if that field
@@ -174,8 +243,34 @@ def dual_path_sample(unet: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
             channels for ``leg_std_channels``.
     """
     mode, alpha = gl_cfg.leg_mode, float(gl_cfg.alpha)
-    if mode not in LEG_MODES:
-        raise ValueError(f"gl_cfg.leg_mode must be one of {LEG_MODES}, got {mode!r}")
+    leg_std_channels = _checked_leg_settings(cond_global, cond_local, gl_cfg, leg_std_channels)
+    b, _, h, w = cond_global.shape
+    device = cond_global.device
+    timesteps = sampler_grid(sampler_cfg, schedule, original_steps)      # the run's one grid
+    path_ranges = [tat_ranges(sampler_cfg, r0, schedule.num_train_timesteps, original_steps, timesteps)
+                   for r0 in (sampler_cfg.clip_r0_global, sampler_cfg.clip_r0_local)]
+    if x_T is None:
+        x_T = randn((b, LATENT_CHANNELS, h, w), generators_global, device)
+    elif tuple(x_T.shape) != (b, LATENT_CHANNELS, h, w):
+        raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {(b, LATENT_CHANNELS, h, w)}")
+    # Both paths start from the same x_T (§5.1).
+    x_T = x_T.to(device=device, dtype=torch.float32).repeat(2, 1, 1, 1)
+    denoise_fn = dual_path_denoiser(unet, schedule, cond_global, cond_local, cond_mode, mode, alpha,
+                                    generators_local, leg_std_channels, batched)
+    z = sample(denoise_fn, schedule, tuple(x_T.shape), sampler_cfg.name,
+               clip_ranges=block_clip_ranges(path_ranges, b, x_T.dtype, device),
+               generator=BlockGenerators((generators_global, generators_local)), eta=sampler_cfg.eta,
+               x_T=x_T, progress=progress, original_steps=original_steps, sigma_data=sigma_data,
+               timestep_scaling=timestep_scaling, timesteps=timesteps,
+               callback=None if callback is None else _per_path(callback, b))
+    return z[:b], z[b:]
+
+
+def _checked_leg_settings(cond_global: torch.Tensor, cond_local: torch.Tensor, gl_cfg,
+                          leg_std_channels: int | None) -> int:
+    """Check the LEG mode and the conditions' shapes; returns ``leg_std_channels`` with its default."""
+    if gl_cfg.leg_mode not in LEG_MODES:
+        raise ValueError(f"gl_cfg.leg_mode must be one of {LEG_MODES}, got {gl_cfg.leg_mode!r}")
     if cond_global.ndim != 4 or cond_global.shape != cond_local.shape:
         raise ValueError(f"cond_global {tuple(cond_global.shape)} and cond_local {tuple(cond_local.shape)} "
                          "must be equal (B, C, h, w) shapes")
@@ -183,66 +278,16 @@ def dual_path_sample(unet: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         leg_std_channels = int(getattr(gl_cfg, "leg_std_channels", LATENT_CHANNELS))
     if leg_std_channels < 1:
         raise ValueError(f"leg_std_channels must be >= 1, got {leg_std_channels}")
-    b, _, h, w = cond_global.shape
-    shape = (b, LATENT_CHANNELS, h, w)
-    device = cond_global.device
+    return leg_std_channels
 
-    timesteps = sample_timesteps(sampler_cfg.name, sampler_cfg.steps, schedule.num_train_timesteps,
-                                 original_steps)
-    n = len(timesteps)
-    T = schedule.num_train_timesteps
-    ranges_g = tat_ranges(sampler_cfg, sampler_cfg.clip_r0_global, T, original_steps) or [None] * n
-    ranges_l = tat_ranges(sampler_cfg, sampler_cfg.clip_r0_local, T, original_steps) or [None] * n
 
-    if x_T is None:
-        x_T = randn(shape, generators_global, device)
-    elif tuple(x_T.shape) != shape:
-        raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {shape}")
-    # Both paths start from the same x_T (§5.1); the steps never modify their input in place.
-    x_g = x_l = x_T.to(device=device, dtype=torch.float32)
+def _per_path(callback: DualCallback, b: int) -> Callable[[int, int, StepOutput], None]:
+    """The loop's ``callback(j, t, out)`` on the stacked batch (2B) as ``callback(j, t, out_g, out_l)``."""
+    def split(j: int, t: int, out: StepOutput) -> None:
+        (g, l), (g0, l0) = out.prev_sample.split(b), out.pred_x0.split(b)
+        callback(j, t, StepOutput(g, g0), StepOutput(l, l0))
 
-    # The third branch is only needed when it can change the result.
-    n_branches = 3 if (mode == "global_cond" and alpha != 1) else 2
-    conds = [cond_global, cond_local, cond_global][:n_branches]
-    # All timestep tensors once, not per step: (n, n_branches·B) for the batched call.
-    t_all = torch.tensor(timesteps, dtype=torch.long, device=device)[:, None].expand(n, n_branches * b)
-
-    def network(x_global: torch.Tensor, x_local: torch.Tensor, j: int) -> list[torch.Tensor]:
-        """Raw outputs of the n_branches branches, each (B, C_out, h, w)."""
-        latents = [x_global, x_local, x_local][:n_branches]
-        if batched:
-            t = t_all[j]
-            x_in = torch.cat([model_input_sample(x, c, t[:b], schedule, cond_mode)
-                              for x, c in zip(latents, conds)])
-            return list(unet(x_in, t).split(b))
-        t = t_all[j, :b]
-        return [unet(model_input_sample(x, c, t, schedule, cond_mode), t) for x, c in zip(latents, conds)]
-
-    iterator = range(n)
-    if progress:
-        from tqdm.auto import tqdm
-        iterator = tqdm(iterator, desc=f"dual-path {sampler_cfg.name} x{n}", leave=False)
-    for j in iterator:
-        t = timesteps[j]
-        t_next = timesteps[j + 1] if j + 1 < n else None
-        raw = network(x_g, x_l, j)
-        if raw[0].shape[1] < max(LATENT_CHANNELS, leg_std_channels if mode == "noise" else 0):
-            raise ValueError(f"network returned {raw[0].shape[1]} channels; need {LATENT_CHANNELS}"
-                             + (f" and leg_std_channels={leg_std_channels}" if mode == "noise" else ""))
-        eps_g, eps_l = (r[:, :LATENT_CHANNELS].float() for r in raw[:2])
-        eps_ref = eps_g if mode == "global_pred" else (raw[2][:, :LATENT_CHANNELS].float()
-                                                        if n_branches == 3 else None)
-        std_over = (raw[1][:, :leg_std_channels].float()
-                    if mode == "noise" and leg_std_channels != LATENT_CHANNELS else None)
-        eps_l = local_enhanced_guidance(eps_l, alpha, mode, eps_ref, generators_local, std_over)
-        out_g = sampler_step(sampler_cfg.name, schedule, eps_g, t, t_next, x_g, ranges_g[j],
-                              generators_global, sampler_cfg.eta, sigma_data, timestep_scaling)
-        out_l = sampler_step(sampler_cfg.name, schedule, eps_l, t, t_next, x_l, ranges_l[j],
-                              generators_local, sampler_cfg.eta, sigma_data, timestep_scaling)
-        x_g, x_l = out_g.prev_sample, out_l.prev_sample
-        if callback is not None:
-            callback(j, t, out_g, out_l)
-    return x_g, x_l
+    return split
 
 
 def sequential_dual_path_sample(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,10 +4,12 @@ The UNet, the noise schedule and the sampler stay separate (style.md C4): :func:
 builds the ``denoise_fn`` the samplers call, putting the condition into the network input the way
 the model was trained (``diffusion.cond_mode``, §3.5) and keeping only the 4 supervised output
 channels (§7.4). :func:`suppress_latents` runs the configured sampler with temporal adaptive
-thresholding r_j = r0 + κ·j.
+thresholding r_j = r0 + κ·j. A run's timestep grid is computed once (:func:`sampler_grid`) and
+passed to the clip ranges (:func:`tat_ranges`) and to the loop (:func:`models.samplers.sample`).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Callable
 
 import torch
@@ -29,17 +31,25 @@ def make_denoiser(unet: torch.nn.Module, schedule: NoiseSchedule, cond: torch.Te
     return denoise_fn
 
 
-def tat_ranges(sampler_cfg, r0: float, num_train_timesteps: int = 1000, original_steps: int = 50
-               ) -> list[float] | None:
+def sampler_grid(sampler_cfg, schedule: NoiseSchedule, original_steps: int = 50) -> list[int]:
+    """The timestep grid of the configured sampler (``sampler_cfg.name``, ``steps``), descending; the
+    one computation of it in a run, handed to :func:`tat_ranges` and :func:`models.samplers.sample`."""
+    return sample_timesteps(sampler_cfg.name, sampler_cfg.steps, schedule.num_train_timesteps, original_steps)
+
+
+def tat_ranges(sampler_cfg, r0: float, num_train_timesteps: int = 1000, original_steps: int = 50,
+               timesteps: Sequence[int] | None = None) -> list[float] | None:
     """Temporal adaptive thresholding ranges for the configured sampler, or None when clipping is off.
 
     ``sampler.clip_index``: ``step`` (the papers, r_j = r0 + κ·j, BS-LDM's off-by-one optional) or
     ``time`` (:func:`models.samplers.clip_ranges_by_time`: the range the 50-step run has at the same
-    timestep, so a few-step run is not clipped tighter than the many-step one).
+    timestep, so a few-step run is not clipped tighter than the many-step one). ``timesteps``: the
+    run's grid (:func:`sampler_grid`); only when it is not given is it computed here.
     """
     if not sampler_cfg.clip:
         return None
-    timesteps = sample_timesteps(sampler_cfg.name, sampler_cfg.steps, num_train_timesteps, original_steps)
+    if timesteps is None:
+        timesteps = sample_timesteps(sampler_cfg.name, sampler_cfg.steps, num_train_timesteps, original_steps)
     if getattr(sampler_cfg, "clip_index", "step") == "time":
         if sampler_cfg.clip_off_by_one:
             raise ValueError("sampler.clip_off_by_one applies to step-indexed ranges (clip_index: step) only")
@@ -59,9 +69,13 @@ def suppress_latents(unet: torch.nn.Module, schedule: NoiseSchedule, cond: torch
         generator: seeds x_T and every step's noise, so a seed gives the same sample; a list of B
             generators makes each element's sample independent of the rest of the batch.
         callback: passed to :func:`models.samplers.sample` (``callback(j, t, step_output)``).
+
+    Returns:
+        (B, 4, h, w) float32 latents.
     """
     r0 = sampler_cfg.clip_r0_global if r0 is None else r0
+    timesteps = sampler_grid(sampler_cfg, schedule)
+    ranges = tat_ranges(sampler_cfg, r0, schedule.num_train_timesteps, timesteps=timesteps)
     return sample(make_denoiser(unet, schedule, cond, cond_mode), schedule, tuple(cond.shape),
-                  sampler_name=sampler_cfg.name, steps=sampler_cfg.steps,
-                  clip_ranges=tat_ranges(sampler_cfg, r0), generator=generator, eta=sampler_cfg.eta,
-                  device=cond.device, progress=progress, callback=callback)
+                  sampler_name=sampler_cfg.name, clip_ranges=ranges, generator=generator, eta=sampler_cfg.eta,
+                  device=cond.device, progress=progress, callback=callback, timesteps=timesteps)

@@ -13,24 +13,44 @@ clamped to [−r_j, r_j] with r_j = r0 + κ·j (j = 0 is the noisiest step); BS-
 (r_0 = r_1 = r0, r_j = r0 + κ(j−1)) is available through ``clip_ranges(..., off_by_one=True)``.
 
 All noise is drawn from the generator passed in, so a seeded generator makes a run reproducible.
+A batch stacked from independent runs (GL-LCM's global and local paths, 2B) is one run of
+:func:`sample` with :class:`BlockGenerators` and per-element clip ranges (:func:`block_clip_ranges`):
+every block then gets, number for number, what it would get alone.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
 from models.schedule import NoiseSchedule, randn
 
-__all__ = ["StepOutput", "timesteps_ddpm", "timesteps_ddim", "timesteps_lcm", "clip_ranges", "clip_ranges_by_time",
-           "consistency_scalings", "ddpm_step", "ddim_step", "lcm_step", "sampler_step", "sample_timesteps", "sample",
-           "SAMPLERS"]
+__all__ = ["StepOutput", "BlockGenerators", "timesteps_ddpm", "timesteps_ddim", "timesteps_lcm", "clip_ranges",
+           "clip_ranges_by_time", "block_clip_ranges", "consistency_scalings", "draw_noise", "ddpm_step", "ddim_step",
+           "lcm_step", "sampler_step", "sample_timesteps", "sample", "SAMPLERS"]
 
 SAMPLERS = ("ddpm", "ddim", "lcm")
 
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Generators = torch.Generator | Sequence[torch.Generator] | None
+# r of one step: one float for the batch, a (B, 1, 1, 1) tensor of per-element ranges, or None (no clipping).
+ClipRange = float | torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class BlockGenerators:
+    """The generators of a batch stacked from K equal blocks, e.g. GL-LCM's [global ; local] (2B).
+
+    Block k (rows k·B … (k+1)·B − 1) draws from ``blocks[k]`` (a generator, a list of B generators,
+    or None for the global RNG), blocks in order, exactly the numbers a run on that block alone
+    draws: a single generator draws its block in one piece, as it would alone (drawing it row by row
+    gives other numbers). Not a list, so that it cannot be mistaken for per-element generators.
+    """
+
+    blocks: tuple[Generators, ...]
 
 
 class StepOutput(NamedTuple):
@@ -119,6 +139,27 @@ def clip_ranges_by_time(r0: float, kappa: float, timesteps: Sequence[int], num_t
     return [r0 + kappa * (T - 1 - int(t)) * N / T for t in timesteps]
 
 
+def block_clip_ranges(ranges: Sequence[Sequence[float] | None], rows: int, dtype: torch.dtype = torch.float32,
+                      device: torch.device | str | None = None) -> torch.Tensor | None:
+    """Per-element clip ranges of a batch stacked from blocks of ``rows`` elements (see
+    :class:`BlockGenerators`): ``ranges[k][j]`` is block k's r at step j.
+
+    Returns:
+        (n_steps, K·rows, 1, 1, 1) tensor (entry j is step j's range, broadcastable to the
+        (K·rows, C, h, w) latent), or None when no block is clipped. Clamping with a float32 copy of
+        r is the same as clamping with the float r, so each block is clipped as it would be alone.
+
+    Raises:
+        ValueError: some blocks clipped and others not, or blocks of different lengths.
+    """
+    if all(r is None for r in ranges):
+        return None
+    if any(r is None for r in ranges) or len({len(r) for r in ranges}) != 1:
+        raise ValueError("every block needs clip ranges of the same length, or none of them")
+    table = torch.tensor([list(r) for r in ranges], dtype=dtype, device=device)            # (K, n)
+    return table.T.repeat_interleave(rows, dim=1)[:, :, None, None, None]
+
+
 def consistency_scalings(t: torch.Tensor | float, sigma_data: float = 0.5,
                          timestep_scaling: float = 10.0) -> tuple[torch.Tensor | float, torch.Tensor | float]:
     """LCM boundary-condition scalings for discrete timesteps (§4.2, §4.5).
@@ -138,8 +179,21 @@ def consistency_scalings(t: torch.Tensor | float, sigma_data: float = 0.5,
     return sigma_data ** 2 / denom, u / denom ** 0.5
 
 
-def _clip(x0: torch.Tensor, clip_range: float | None) -> torch.Tensor:
+def _clip(x0: torch.Tensor, clip_range: ClipRange) -> torch.Tensor:
     return x0 if clip_range is None else x0.clamp(-clip_range, clip_range)
+
+
+def draw_noise(shape: tuple[int, ...] | torch.Size, generator: Generators | BlockGenerators,
+               device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """N(0, I) of ``shape`` (B, ...): :func:`models.schedule.randn`, block by block for
+    :class:`BlockGenerators` (B a multiple of the number of blocks)."""
+    if not isinstance(generator, BlockGenerators):
+        return randn(shape, generator, device, dtype)
+    k = len(generator.blocks)
+    if shape[0] % k:
+        raise ValueError(f"a batch of {shape[0]} cannot be split into {k} blocks")
+    rows = (shape[0] // k, *shape[1:])
+    return torch.cat([randn(rows, g, device, dtype) for g in generator.blocks])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -147,7 +201,7 @@ def _clip(x0: torch.Tensor, clip_range: float | None) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 def ddpm_step(schedule: NoiseSchedule, eps: torch.Tensor, t: int, x_t: torch.Tensor,
-              clip_range: float | None = None, generator: torch.Generator | None = None,
+              clip_range: ClipRange = None, generator: Generators | BlockGenerators = None,
               t_prev: int | None = None) -> StepOutput:
     """One ancestral DDPM step with x̂0 clipping (diffusers ``DDPMScheduler.step``, §4.1).
 
@@ -161,8 +215,9 @@ def ddpm_step(schedule: NoiseSchedule, eps: torch.Tensor, t: int, x_t: torch.Ten
         eps: (B, C, h, w) noise estimate ε̂ at t.
         t: current timestep (one int for the batch).
         x_t: (B, C, h, w) current latent.
-        clip_range: r of this step, or None for no clipping.
-        generator: source of the step noise z.
+        clip_range: r of this step: a float, a (B, 1, 1, 1) tensor of per-element ranges, or None
+            for no clipping.
+        generator: source of the step noise z (a generator, a list of B, :class:`BlockGenerators`).
         t_prev: previous timestep; default t − 1 (the reference's 1000-step chain).
 
     Returns:
@@ -177,12 +232,12 @@ def ddpm_step(schedule: NoiseSchedule, eps: torch.Tensor, t: int, x_t: torch.Ten
     if t_prev < 0:
         return StepOutput(mean, x0)
     variance = max((1 - a_prev) / (1 - a_t) * beta, 1e-20)
-    z = randn(x_t.shape, generator, x_t.device, x_t.dtype)
+    z = draw_noise(x_t.shape, generator, x_t.device, x_t.dtype)
     return StepOutput(mean + math.sqrt(variance) * z, x0)
 
 
 def ddim_step(schedule: NoiseSchedule, eps: torch.Tensor, t: int, t_prev: int, x_t: torch.Tensor,
-              clip_range: float | None = None, generator: torch.Generator | None = None,
+              clip_range: ClipRange = None, generator: Generators | BlockGenerators = None,
               eta: float = 0.0) -> StepOutput:
     """One DDIM step (Song et al. 2021, eq. 12) from t to t_prev (t_prev = −1 means ᾱ = 1: the end).
 
@@ -202,12 +257,12 @@ def ddim_step(schedule: NoiseSchedule, eps: torch.Tensor, t: int, t_prev: int, x
     sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t)) * math.sqrt(1 - a_t / a_prev)
     x_prev = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma ** 2, 0.0)) * eps
     if sigma > 0:
-        x_prev = x_prev + sigma * randn(x_t.shape, generator, x_t.device, x_t.dtype)
+        x_prev = x_prev + sigma * draw_noise(x_t.shape, generator, x_t.device, x_t.dtype)
     return StepOutput(x_prev, x0)
 
 
 def lcm_step(schedule: NoiseSchedule, eps: torch.Tensor, t: int, t_next: int | None, x_t: torch.Tensor,
-             clip_range: float | None = None, generator: torch.Generator | None = None,
+             clip_range: ClipRange = None, generator: Generators | BlockGenerators = None,
              sigma_data: float = 0.5, timestep_scaling: float = 10.0) -> StepOutput:
     """One multistep consistency-sampler step (diffusers ``LCMScheduler.step``, §4.2).
 
@@ -225,7 +280,7 @@ def lcm_step(schedule: NoiseSchedule, eps: torch.Tensor, t: int, t_next: int | N
     if t_next is None:
         return StepOutput(denoised, x0)
     a_next = schedule.alpha_cumprod(t_next)
-    z = randn(x_t.shape, generator, x_t.device, x_t.dtype)
+    z = draw_noise(x_t.shape, generator, x_t.device, x_t.dtype)
     return StepOutput(math.sqrt(a_next) * denoised + math.sqrt(1 - a_next) * z, x0)
 
 
@@ -234,7 +289,7 @@ def lcm_step(schedule: NoiseSchedule, eps: torch.Tensor, t: int, t_next: int | N
 # --------------------------------------------------------------------------------------------------
 
 def sampler_step(name: str, schedule: NoiseSchedule, eps: torch.Tensor, t: int, t_next: int | None,
-                 x_t: torch.Tensor, clip_range: float | None, generator=None, eta: float = 0.0,
+                 x_t: torch.Tensor, clip_range: ClipRange, generator=None, eta: float = 0.0,
                  sigma_data: float = 0.5, timestep_scaling: float = 10.0) -> StepOutput:
     """One step of sampler ``name`` from grid timestep ``t`` to ``t_next`` (None after the last step)."""
     if name == "lcm":
@@ -247,9 +302,12 @@ def sampler_step(name: str, schedule: NoiseSchedule, eps: torch.Tensor, t: int, 
 
 def sample_timesteps(sampler_name: str, steps: int | None, num_train_timesteps: int = 1000,
                      original_steps: int = 50) -> list[int]:
-    """The timestep list a :func:`sample` run visits (``steps=None``: 1000 for DDPM, 50 otherwise)."""
-    if sampler_name not in SAMPLERS:
-        raise ValueError(f"sampler_name must be one of {SAMPLERS}, got {sampler_name!r}")
+    """The timestep list a :func:`sample` run visits (``steps=None``: 1000 for DDPM, 50 otherwise).
+
+    A caller that needs the grid for its clip ranges too computes it once and passes it to both
+    (``sample(..., timesteps=...)``), instead of having it rebuilt.
+    """
+    _check_sampler(sampler_name)
     if sampler_name == "ddpm":
         if steps is None or steps == num_train_timesteps:
             return timesteps_ddpm(num_train_timesteps)
@@ -260,15 +318,40 @@ def sample_timesteps(sampler_name: str, steps: int | None, num_train_timesteps: 
     return timesteps_lcm(steps, original_steps, num_train_timesteps)
 
 
+def _check_sampler(sampler_name: str) -> None:
+    if sampler_name not in SAMPLERS:
+        raise ValueError(f"sampler_name must be one of {SAMPLERS}, got {sampler_name!r}")
+
+
+def _initial_latent(shape: tuple[int, ...], generator: Generators | BlockGenerators, x_T: torch.Tensor | None,
+                    device: torch.device | str | None) -> torch.Tensor:
+    """x_T (B, C, h, w): the given one (moved to ``device`` if given), or drawn from ``generator`` on
+    ``device`` (default: the first generator's device, else CPU)."""
+    if x_T is not None:
+        if tuple(x_T.shape) != tuple(shape):
+            raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {tuple(shape)}")
+        return x_T.to(device) if device is not None else x_T
+    if device is None:
+        first = generator.blocks[0] if isinstance(generator, BlockGenerators) else generator
+        first = first[0] if isinstance(first, (list, tuple)) else first
+        device = first.device if first is not None else "cpu"
+    return draw_noise(shape, generator, device)
+
+
 @torch.no_grad()
 def sample(denoise_fn: DenoiseFn, schedule: NoiseSchedule, shape: tuple[int, ...],
            sampler_name: str = "lcm", steps: int | None = None,
-           clip_ranges: Sequence[float] | None = None, generator: torch.Generator | None = None,
+           clip_ranges: Sequence[ClipRange] | torch.Tensor | None = None,
+           generator: Generators | BlockGenerators = None,
            eta: float = 0.0, x_T: torch.Tensor | None = None, progress: bool = False, *,
            device: torch.device | str | None = None, original_steps: int = 50,
            sigma_data: float = 0.5, timestep_scaling: float = 10.0,
-           callback: Callable[[int, int, StepOutput], None] | None = None) -> torch.Tensor:
+           callback: Callable[[int, int, StepOutput], None] | None = None,
+           timesteps: Sequence[int] | None = None) -> torch.Tensor:
     """Run a sampler from x_T ~ N(0, I) (plain noise, no offset component, §3.3) to x_0.
+
+    The one sampling loop of the project: the global-local dual path runs through it too, as a
+    2B batch (:func:`models.global_local.dual_path_sample`).
 
     Args:
         denoise_fn: ``denoise_fn(x_t (B, C, h, w), t (B,) long) -> eps_hat (B, C, h, w)``; builds the
@@ -279,32 +362,32 @@ def sample(denoise_fn: DenoiseFn, schedule: NoiseSchedule, shape: tuple[int, ...
             fewer steps use the trailing grid with the DDPM posterior between grid points), ``"ddim"``
             (trailing grid, ``eta``) or ``"lcm"`` (grid from :func:`timesteps_lcm`).
         steps: number of steps; None = 1000 for DDPM, ``original_steps`` (50) otherwise.
-        clip_ranges: r_j per step (length = number of steps, e.g. from :func:`clip_ranges`), or None
+        clip_ranges: r_j per step (length = number of steps, e.g. from :func:`clip_ranges`; entries
+            may be (B, 1, 1, 1) per-element tensors, e.g. from :func:`block_clip_ranges`), or None
             for no clipping.
-        generator: source of x_T and of every step's noise.
+        generator: source of x_T and of every step's noise: a generator, a list of B generators or
+            :class:`BlockGenerators`.
         eta: DDIM η.
         x_T: optional initial latent (B, C, h, w) instead of drawing one (e.g. shared by two paths).
         progress: show a tqdm bar.
         device: where the latent lives (default: x_T's device, else the generator's, else CPU).
         original_steps, sigma_data, timestep_scaling: LCM grid size N and boundary scalings.
         callback: called as ``callback(j, t, step_output)`` after every step.
+        timesteps: the grid from :func:`sample_timesteps`, when the caller has already computed it
+            (then ``steps`` must be None).
 
     Returns:
         (B, C, h, w) final latent.
     """
-    T = schedule.num_train_timesteps
-    timesteps = sample_timesteps(sampler_name, steps, T, original_steps)
+    if timesteps is None:
+        timesteps = sample_timesteps(sampler_name, steps, schedule.num_train_timesteps, original_steps)
+    elif steps is not None:
+        raise ValueError("give steps or timesteps, not both")
+    _check_sampler(sampler_name)
     n = len(timesteps)
     if clip_ranges is not None and len(clip_ranges) != n:
         raise ValueError(f"clip_ranges has {len(clip_ranges)} entries for {n} steps")
-    if x_T is None:
-        first = generator[0] if isinstance(generator, (list, tuple)) else generator
-        device = device if device is not None else (first.device if first is not None else "cpu")
-        x = randn(shape, generator, device)
-    else:
-        if tuple(x_T.shape) != tuple(shape):
-            raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {tuple(shape)}")
-        x = x_T.to(device) if device is not None else x_T
+    x = _initial_latent(shape, generator, x_T, device)
     # All timestep tensors once, not per step.
     t_batch = torch.tensor(timesteps, dtype=torch.long, device=x.device)[:, None].expand(n, x.shape[0])
 
