@@ -133,6 +133,44 @@ def test_reference_hyper_parameters():
     assert bsldm.sampler.clip_off_by_one and not bsldm.global_local.enabled
 
 
+def test_jsrt_is_szch_but_for_its_dataset_values():
+    """configs/jsrt.yaml overlays szch.yaml (its ``base``): the six JSRT values, everything else SZCH's."""
+    szch = config_to_dict(load_config([CONFIGS / "szch.yaml"]))
+    jsrt = config_to_dict(load_config([CONFIGS / "jsrt.yaml"]))
+    own = {("run", "name"): "jsrt", ("data", "name"): "JSRT", ("data", "root"): "datasets/JSRT",
+           ("data", "invert"): True, ("sampler", "clip_r0_global"): 1.7, ("sampler", "clip_r0_local"): 3.0}
+    for (section, key), value in own.items():
+        assert jsrt[section][key] == value and szch[section][key] != value, (section, key)
+        jsrt[section][key] = szch[section][key]
+    assert jsrt == szch
+    # what follows it still overrides it: BS-LDM on JSRT takes BS-LDM's sampler, JSRT's data
+    bsldm = load_config([CONFIGS / "jsrt.yaml", CONFIGS / "bs-ldm.yaml"])
+    assert bsldm.sampler.clip_r0_global == 1.4 and bsldm.data.invert and bsldm.vqgan.num_embeddings == 256
+
+
+def test_base_file_is_merged_first_and_errors_name_the_file(tmp_path):
+    write(tmp_path, "a.yaml", "ldm_train:\n  lr: 1.0e-3\n  epochs: 5\n")
+    (tmp_path / "sub").mkdir()
+    b = write(tmp_path, "sub/b.yaml", "base: ../a.yaml\nldm_train:\n  epochs: 6\n")
+    cfg = load_config([b])
+    assert (cfg.ldm_train.lr, cfg.ldm_train.epochs) == (1e-3, 6)          # the base, then the file's own keys
+    c = write(tmp_path, "c.yaml", "base: sub/b.yaml\n")                   # a base may have a base
+    assert load_config([c]) == cfg
+    assert "base" not in config_to_dict(cfg)                              # config.yaml states the merged values
+    for text, needle in (("base: none.yaml\n", "key 'base': .*none.yaml not found"),
+                         ("base: 3\n", "key 'base': expected the file name"),
+                         ("base: d.yaml\n", "key 'base': a cycle of base files")):
+        d = write(tmp_path, "d.yaml", text)
+        with pytest.raises(ConfigError, match=f"{d}: {needle}"):
+            load_config([d])
+    e = write(tmp_path, "e.yaml", "base: f.yaml\n")
+    write(tmp_path, "f.yaml", "base: e.yaml\n")
+    with pytest.raises(ConfigError, match="a cycle of base files .*e.yaml -> .*f.yaml -> .*e.yaml"):
+        load_config([e])
+    with pytest.raises(ConfigError, match="unknown key 'base'"):           # files only, not --set
+        load_config([], ["base=a.yaml"])
+
+
 def test_schema_defaults_are_gl_lcm():
     """The dataclass defaults equal szch.yaml apart from run naming, paths and the fixed bugs."""
     szch = config_to_dict(load_config([CONFIGS / "szch.yaml"]))

@@ -2,6 +2,10 @@
 
     cfg = load_config(["configs/szch.yaml", "configs/bs-ldm.yaml"], ["ldm_train.lr=1e-4"])
 
+A file may name the file it overlays with a top-level ``base: other.yaml`` (relative to its own
+folder): the base is merged first, then the file's own keys (``configs/jsrt.yaml`` is
+``configs/szch.yaml`` but for its dataset's values), so the file alone is a whole config.
+
 Every YAML key must exist in the schema below and every value must have the field's type; the
 error names the file (or the ``--set`` item) and the dotted key. The resolved config is written to
 each run folder (``save_config``) and stored as a plain dict in every checkpoint
@@ -404,22 +408,40 @@ def load_config(paths: list[str | Path] | tuple = (), overrides: list[str] | tup
     """
     values = dataclasses.asdict(Config())
     for path in paths:
-        p = Path(path)
-        try:
-            text = p.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError(f"{p}: config file not found") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{p}: cannot read config file ({e})") from None
-        try:
-            data = yaml.load(text, Loader=_UniqueKeyLoader)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: invalid YAML ({' '.join(str(e).split())})") from None
-        if data is None:
-            continue
-        _merge(Config, values, data, str(p))
+        _merge_file(values, Path(path), ())
     _apply_overrides(values, overrides)
     return _build(Config, values)
+
+
+def _merge_file(values: dict, p: Path, overlays: tuple[Path, ...]) -> None:
+    """Merge the YAML file ``p`` into ``values``, after its ``base`` file if it names one;
+    ``overlays`` are the files that named ``p`` as their base (a cycle is refused)."""
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: cannot read config file ({e})") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: invalid YAML ({' '.join(str(e).split())})") from None
+    if data is None:
+        return
+    if isinstance(data, dict) and "base" in data:
+        data = dict(data)
+        base = data.pop("base")
+        if not isinstance(base, str) or not base.strip():
+            raise ConfigError(f"{p}: key 'base': expected the file name of the config this one overlays, "
+                              f"got {base!r}")
+        base_path = p.parent / base
+        if base_path.resolve() in {q.resolve() for q in (p, *overlays)}:
+            chain = " -> ".join(str(q) for q in (*overlays, p, base_path))
+            raise ConfigError(f"{p}: key 'base': a cycle of base files ({chain})")
+        if not base_path.is_file():
+            raise ConfigError(f"{p}: key 'base': {base_path} not found")
+        _merge_file(values, base_path, (*overlays, p))
+    _merge(Config, values, data, str(p))
 
 
 def _apply_overrides(values: dict, overrides: list[str] | tuple) -> None:
