@@ -27,9 +27,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from data.datasets import BS, CXR, MASK, MASKED_BS, MASKED_CXR, split_location
-from data.io import ImageError, is_image_file, read_image, write_png
+from data.io import ImageError, list_images, read_image, write_png
 from data.masking import binarize_mask, masked_copy
-from data.splits import list_images, list_paths, split_names, unusable_entry, write_split
+from data.splits import list_paths, split_names, write_split
 from utils.atomic import atomic_write_text, require_writable
 from utils.config import ConfigError, add_config_args, config_from_args, save_config
 
@@ -59,13 +59,12 @@ def scan_pairs(root: str | Path, max_pixels: int | None = None, progress: bool =
         if not d.is_dir():
             raise FileNotFoundError(f"{d}: dataset folder not found (expected {root}/CXR and {root}/BS)")
     report = ScanReport(root=root, has_masks=(root / MASK).is_dir())
+    names = {}
     for sub in (CXR, BS) + ((MASK,) if report.has_masks else ()):
-        for p in sorted((root / sub).iterdir()):
-            if p.is_file() and not p.name.startswith(".") and not is_image_file(p):
-                report.problems.append((str(p), "not an image file (ignored)"))
-            elif unusable_entry(p):
-                report.problems.append((str(p), unusable_entry(p)))
-    cxr, bs = set(list_images(root / CXR)), set(list_images(root / BS))
+        skipped: list[tuple[Path, str]] = []
+        names[sub] = {p.name for p in list_images(root / sub, problems=skipped)}
+        report.problems += [(str(p), why) for p, why in skipped]
+    cxr, bs = names[CXR], names[BS]
     for name in sorted(cxr - bs):
         report.problems.append((str(root / CXR / name), f"no soft-tissue partner {root / BS / name}"))
     for name in sorted(bs - cxr):

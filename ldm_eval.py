@@ -30,7 +30,8 @@ reported and the others go on. Precision and layout come from ``inference`` (``-
 with ``inference.local_crop`` the local path encodes and decodes only the lungs' box. Under
 ``torchrun`` the sorted images are dealt out to the processes (GPUs, or CPU processes sharing the
 cores), each resumable on its own, with one summary at the end. ``timing.json`` splits the time per image into encoding, sampling,
-decoding and fusion. Default output: ``<run>/eval/<split>/`` (for a converted or released model,
+decoding and fusion, and holds the config the run used (``config``: the given one with the model's
+``data.image_size`` and ``data.invert``). Default output: ``<run>/eval/<split>/`` (for a converted or released model,
 ``eval/<split>/`` beside it).
 
 Score the outputs with ``metrics.py --cxr ROOT/CXR --gt ROOT/BS --pred OUT --list LIST``.
@@ -38,6 +39,7 @@ Score the outputs with ``metrics.py --cxr ROOT/CXR --gt ROOT/BS --pred OUT --lis
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -46,44 +48,40 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import numpy as np
-
 from data.datasets import CXR, MASK, split_list
-from data.io import ImageError, read_image, write_dicom, write_png
-from data.masking import binarize_mask
-from models import build_unet, load_vqgan
+from data.io import ImageError, list_images, read_image, write_dicom, write_png
+from data.masking import load_mask
+from models import load_ldm, load_vqgan
 from models.pipeline import BoneSuppressor
 from models.precision import prepare_for_inference
-from models.schedule import build_schedule, eps_model
+from models.schedule import build_schedule
 from utils.atomic import atomic_write_text, require_writable
-from utils.checkpoint import CheckpointError, load_checkpoint, load_state, resolve_first_stage
-from utils.config import ConfigError, config_from_dict
+from utils.checkpoint import CheckpointError, resolve_first_stage
+from utils.config import Config, ConfigError, config_to_dict
 from utils.dist import cleanup_distributed, setup_distributed
-from utils.scripts import checkpoint_config, eval_parser, folder_images, naming_file
+from utils.scripts import checkpoint_config, eval_parser, naming_file
 
 STAGE = "ldm"
 
 
-def load_ldm(path: str | Path, device: torch.device, weights: str = "ema"):
-    """(ε-model in eval mode, its training config) from a stage-2 checkpoint (``.pt``, or a release
-    ``.safetensors``): the UNet, seen through
-    :func:`models.schedule.eps_model` when it was trained to predict v."""
-    ckpt = load_checkpoint(path, kind=STAGE)
-    cfg = config_from_dict(ckpt["config"], source=f"{path} (config)")
-    slot = "ema" if weights == "ema" else "unet"
-    if slot not in ckpt["state"]:
-        raise CheckpointError(f"{path}: holds no '{slot}' weights (it has {', '.join(sorted(ckpt['state']))}); "
-                              f"choose --weights {'raw' if slot == 'ema' else 'ema'}")
-    unet = build_unet(cfg.unet, image_size=ckpt["extra"]["latent_size"])
-    load_state(unet, ckpt["state"][slot], path, weights)
-    unet = eps_model(unet, build_schedule(cfg.diffusion), cfg.diffusion.prediction)
-    return unet.to(device).eval().requires_grad_(False), cfg
+def resolve_config(cfg: Config, train_cfg: Config) -> Config:
+    """The config an evaluation runs with: ``cfg`` with the model's own size and intensity convention
+    (``data.image_size``, ``data.invert`` of its training config ``train_cfg``); sampling, guidance,
+    fusion and output stay as ``cfg`` gives them. A new object; ``cfg`` is not changed, and resolving
+    a resolved config gives it back."""
+    data = dataclasses.replace(cfg.data, image_size=train_cfg.data.image_size, invert=train_cfg.data.invert)
+    return dataclasses.replace(cfg, data=data)
 
 
 def image_jobs(cfg, split: str | None, input_dir: str | None) -> list[Path]:
-    """Source CXR paths: a split's CXR/ images or every image of a folder."""
+    """Source CXR paths: a split's CXR/ images or every image of a folder (the other entries of the
+    folder are named on stderr, not silently dropped)."""
     if input_dir is not None:
-        return folder_images(input_dir, "ldm_eval.py")
+        skipped: list[tuple[Path, str]] = []
+        paths = list_images(input_dir, must_exist=True, problems=skipped)
+        for path, why in skipped:
+            print(f"ldm_eval.py: {path}: {why}", file=sys.stderr)
+        return paths
     root = Path(cfg.data.root)
     return [root / CXR / n for n in split_list(cfg.data, split)]
 
@@ -116,32 +114,16 @@ def check_output_names(jobs: list[Path]) -> None:
         seen[name] = p
 
 
-def load_mask(path: Path, mask_dir: Path | None, pixels: np.ndarray, auto: bool, max_pixels: int) -> np.ndarray:
-    """The lung mask of one image: ``mask_dir/<name>`` (PNG of the same size), or the built-in segmenter."""
-    if auto:
-        from data.lungseg import segment_lungs
-
-        return segment_lungs(pixels)
-    if mask_dir is None:
-        raise ValueError("the global-local path needs lung masks: give --masks DIR or set global_local.masks=auto")
-    candidates = [mask_dir / path.name, mask_dir / (path.stem + ".png")]
-    found = next((c for c in candidates if c.is_file()), None)
-    if found is None:
-        raise ImageError(candidates[-1], "lung mask not found")
-    m = read_image(found, max_pixels)
-    if m.size != pixels.shape:
-        raise ImageError(found, f"mask size {m.size} differs from its CXR {path} of size {pixels.shape}")
-    return binarize_mask(m.pixels)
-
-
 def main(cfg, ckpt: str | Path, split: str | None = "test", input_dir: str | None = None,
          out_dir: str | Path | None = None, weights: str = "ema", batch_size: int = 4,
          overwrite: bool = False, masks_dir: str | None = None, save_paths: bool = False,
          progress: bool = True) -> dict:
     """Suppress bones in every job image; return the summary (also written as timing.json).
 
-    Under ``torchrun --nproc_per_node N`` each process takes every N-th image of the sorted job list
-    (its own GPU, or an equal share of the CPU cores), and the summaries are merged into one.
+    ``cfg`` is not changed: the run uses :func:`resolve_config` of it (the model's size and intensity
+    convention), and the summary's ``config`` is that config. Under ``torchrun --nproc_per_node N``
+    each process takes every N-th image of the sorted job list (its own GPU, or an equal share of the
+    CPU cores), and the summaries are merged into one.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -165,8 +147,7 @@ def main(cfg, ckpt: str | Path, split: str | None = "test", input_dir: str | Non
     unet, vqgan, arithmetic = prepare_for_inference(unet, vqgan, cfg.inference, device)
     if progress and info.is_main:
         print(f"ldm_eval.py: {arithmetic}", file=sys.stderr)
-    # The model's own size and intensity convention; sampling, guidance, fusion and output from cfg.
-    cfg.data.image_size, cfg.data.invert = train_cfg.data.image_size, train_cfg.data.invert
+    cfg = resolve_config(cfg, train_cfg)       # from here on, only the config this run uses
     suppressor = BoneSuppressor(unet, vqgan, build_schedule(train_cfg.diffusion), cfg, train_cfg.diffusion.cond_mode)
     gl = cfg.global_local
     auto = gl.enabled and gl.masks == "auto"
@@ -228,7 +209,8 @@ def main(cfg, ckpt: str | Path, split: str | None = "test", input_dir: str | Non
                            "kappa": cfg.sampler.clip_kappa, "seed": cfg.sampler.seed},
                "global_local": {"enabled": gl.enabled, "leg_mode": gl.leg_mode, "alpha": gl.alpha,
                                 "fusion": gl.fusion, "masks": gl.masks},
-               "output_mode": cfg.output.mode, "inference": arithmetic, "seconds_per_image": per}
+               "output_mode": cfg.output.mode, "inference": arithmetic, "seconds_per_image": per,
+               "config": config_to_dict(cfg)}
     if not info.is_main:
         return summary
     if done or not skipped_n:   # a run that only found finished outputs keeps the timing of the run that made them

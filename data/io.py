@@ -64,6 +64,51 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(IMAGE_EXTENSIONS)
 
 
+def unusable_entry(p: Path) -> str | None:
+    """Why a folder entry that would be taken for an image cannot be read, or None.
+
+    Listing by name alone would pass over these without a word: a symbolic link to nothing (dangling,
+    or a loop), and a folder whose name ends like an image (``scan.png/``).
+    """
+    if p.name.startswith("."):
+        return None
+    if p.is_symlink() and not p.exists():
+        return "a broken symbolic link (dangling or looping), ignored"
+    if is_image_file(p) and p.is_dir():
+        return "a folder, not an image file, ignored"
+    return None
+
+
+def list_images(folder: str | os.PathLike, *, must_exist: bool = False,
+                problems: list[tuple[Path, str]] | None = None) -> list[Path]:
+    """The image files directly in ``folder`` (``folder/<name>``), sorted by name; hidden files skipped.
+
+    Args:
+        must_exist: a missing folder raises FileNotFoundError naming it; otherwise it lists as [].
+        problems: if given, receives ``(path, why)`` for every other entry a reader should hear about,
+            in listing order: a file that is not an image ("not an image file (ignored)"), a broken
+            symbolic link or a folder named like an image (:func:`unusable_entry`), so that nothing
+            is dropped silently. The caller reports them (stderr, or a scan report).
+    """
+    d = Path(folder)
+    if not d.is_dir():
+        if must_exist:
+            raise FileNotFoundError(f"{d}: input folder not found")
+        return []
+    images = []
+    for p in sorted(d.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if p.is_file():
+            if is_image_file(p):
+                images.append(p)
+            elif problems is not None:
+                problems.append((p, "not an image file (ignored)"))
+        elif problems is not None and unusable_entry(p):
+            problems.append((p, unusable_entry(p)))
+    return images
+
+
 def read_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                allow_color: bool = False) -> XrayImage:
     """Read a grayscale radiograph into float32 [0, 1].

@@ -6,7 +6,11 @@ masks this project writes, all three agree.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+
+from data.io import ImageError, read_image
 
 MASK_THRESHOLD = 0.5  # on [0, 1] pixels
 
@@ -14,6 +18,31 @@ MASK_THRESHOLD = 0.5  # on [0, 1] pixels
 def binarize_mask(pixels: np.ndarray) -> np.ndarray:
     """[0, 1] mask image (H, W) -> bool (H, W)."""
     return np.asarray(pixels) > MASK_THRESHOLD
+
+
+def load_mask(path: Path, mask_dir: Path | None, pixels: np.ndarray, auto: bool, max_pixels: int) -> np.ndarray:
+    """The bool (H, W) lung mask of the image ``path`` whose [0, 1] ``pixels`` are (H, W):
+    ``mask_dir/<name>`` or ``mask_dir/<stem>.png`` (same size, binarised by :func:`binarize_mask`), or
+    with ``auto`` the built-in segmenter's (:func:`data.lungseg.segment_lungs`).
+
+    Raises:
+        ValueError: no ``mask_dir`` and not ``auto``; ImageError (naming the file): no mask file, an
+            unreadable one, or one of another size; LungSegmentationError: no two lungs found.
+    """
+    if auto:
+        from data.lungseg import segment_lungs
+
+        return segment_lungs(pixels)
+    if mask_dir is None:
+        raise ValueError("the global-local path needs lung masks: give --masks DIR or set global_local.masks=auto")
+    candidates = [mask_dir / path.name, mask_dir / (path.stem + ".png")]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise ImageError(candidates[-1], "lung mask not found")
+    m = read_image(found, max_pixels)
+    if m.size != pixels.shape:
+        raise ImageError(found, f"mask size {m.size} differs from its CXR {path} of size {pixels.shape}")
+    return binarize_mask(m.pixels)
 
 
 def masked_copy(pixels: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -10,33 +10,9 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from data.io import is_image_file
 from utils.atomic import atomic_write_text
 
 SPLITS = ("train", "val", "test")
-
-
-def unusable_entry(p: Path) -> str | None:
-    """Why a folder entry that would be taken for an image cannot be read, or None.
-
-    Listing by name alone would pass over these without a word: a symbolic link to nothing (dangling,
-    or a loop), and a folder whose name ends like an image (``scan.png/``).
-    """
-    if p.name.startswith("."):
-        return None
-    if p.is_symlink() and not p.exists():
-        return "a broken symbolic link (dangling or looping), ignored"
-    if is_image_file(p) and p.is_dir():
-        return "a folder, not an image file, ignored"
-    return None
-
-
-def list_images(folder: str | Path) -> list[str]:
-    """Sorted file names of the images in ``folder`` (hidden files skipped); [] if it is missing."""
-    d = Path(folder)
-    if not d.is_dir():
-        return []
-    return sorted(p.name for p in d.iterdir() if p.is_file() and not p.name.startswith(".") and is_image_file(p))
 
 
 def split_names(names: list[str], ratios: list[float] | tuple[float, ...] = (0.8, 0.1, 0.1),

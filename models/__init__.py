@@ -1,29 +1,21 @@
 """Networks and losses, plus explicit builders from the typed configs (utils/config.py).
 
 Builders take one config section each and return a ready module; nothing is built at import time.
+The checkpoint loaders (one per stage) live in :mod:`models.checkpoints`.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 
+from models.checkpoints import load_ldm, load_vqgan
 from models.discriminator import PatchDiscriminator
 from models.losses import HybridLoss
 from models.unet import UNetModel, build_unet
-from models.vqgan import VQGAN
-from utils.checkpoint import load_checkpoint, load_state
-from utils.config import Config, DiscriminatorConfig, VQGANConfig, VQLossConfig, config_from_dict
+from models.vqgan import VQGAN, build_vqgan
+from utils.config import DiscriminatorConfig, VQLossConfig
 
 __all__ = ["build_vqgan", "build_discriminator", "build_hybrid_loss", "build_unet", "count_parameters", "load_vqgan",
-           "VQGAN", "PatchDiscriminator", "HybridLoss", "UNetModel"]
-
-
-def build_vqgan(cfg: VQGANConfig) -> VQGAN:
-    """ML-VQGAN from ``model.vqgan``; out_channels = in_channels. Raises ValueError on bad values."""
-    return VQGAN(in_channels=cfg.in_channels, channels=cfg.channels,
-                 num_res_channels=cfg.num_res_channels, num_res_layers=cfg.num_res_layers,
-                 embedding_dim=cfg.embedding_dim, num_embeddings=cfg.num_embeddings,
-                 commitment_cost=cfg.commitment_cost, decay=cfg.decay, epsilon=cfg.epsilon)
+           "load_ldm", "VQGAN", "PatchDiscriminator", "HybridLoss", "UNetModel"]
 
 
 def build_discriminator(cfg: DiscriminatorConfig, in_channels: int = 1) -> PatchDiscriminator:
@@ -48,15 +40,3 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     which is how the papers count (38,326,533 for the K = 256 VQGAN)."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
-
-def load_vqgan(path, device: torch.device | str = "cpu") -> tuple[VQGAN, Config]:
-    """A trained stage-1 VQGAN, rebuilt from the config inside its checkpoint, frozen, in eval mode.
-
-    Raises:
-        utils.checkpoint.CheckpointError: not a VQGAN checkpoint of this project, or unsafe.
-    """
-    ckpt = load_checkpoint(path, kind="vqgan")
-    cfg = config_from_dict(ckpt["config"], source=f"{path} (config)")
-    model = build_vqgan(cfg.vqgan)
-    load_state(model, ckpt["state"]["model"], path, "model")
-    return model.to(device).eval().requires_grad_(False), cfg

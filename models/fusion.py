@@ -39,6 +39,8 @@ from __future__ import annotations
 import numpy as np
 from skimage.measure import label, regionprops
 
+from data.masking import binarize_mask as binarize_pixels
+
 __all__ = ["FUSION_MODES", "POISSON_DOMAINS", "remove_small_components", "scaled_min_component_px",
            "mean_match", "erode", "solve_poisson_dirichlet", "poisson_blend", "binarize_mask", "fuse"]
 
@@ -50,14 +52,15 @@ POISSON_DOMAINS = ("mask", "bbox")
 # Masks
 # --------------------------------------------------------------------------------------------------
 
-def binarize_mask(mask: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+def binarize_mask(mask: np.ndarray, threshold: float | None = None) -> np.ndarray:
     """(H, W) lung mask -> bool.
 
     Bool masks are returned as they are. Integer masks are read on the 8-bit scale (value / 255),
-    float masks as given (in [0, 1]); a pixel is lung when that value >= ``threshold``. The default
-    0.5 is one consistent threshold for segmentation and fusion (§7.19); ``threshold=1.0`` reproduces
-    the reference's fusion, which keeps only exact 255 (``M[M < 255] = 0``). Give a {0, 1} integer
-    mask as bool: it would otherwise read as 0 and 1/255.
+    float masks as given (in [0, 1]). By default a pixel is lung by the project's one binarisation,
+    :func:`data.masking.binarize_mask` (above half scale, ``MASK_THRESHOLD``: > 127 in 8 bits), the
+    same for segmentation, training data and fusion (§7.19). A number keeps the pixels whose value is
+    >= ``threshold``: ``1.0`` reproduces the reference's fusion, which keeps only exact 255
+    (``M[M < 255] = 0``). Give a {0, 1} integer mask as bool: it would otherwise read as 0 and 1/255.
     """
     mask = np.asarray(mask)
     if mask.ndim != 2:
@@ -65,7 +68,7 @@ def binarize_mask(mask: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     if mask.dtype == bool:
         return mask
     values = mask / 255.0 if np.issubdtype(mask.dtype, np.integer) else mask.astype(np.float64)
-    return values >= threshold
+    return binarize_pixels(values) if threshold is None else values >= threshold
 
 
 def remove_small_components(mask: np.ndarray, min_px: int) -> np.ndarray:
@@ -357,7 +360,7 @@ def poisson_blend(src: np.ndarray, dst: np.ndarray, mask: np.ndarray, domain: st
 
 def fuse(global_img: np.ndarray, local_img: np.ndarray, mask: np.ndarray, cxr: np.ndarray | None = None,
          mode: str = "poisson", min_component_px: int = 100, *, poisson_domain: str = "mask",
-         mask_threshold: float = 0.5, background_eps: float = 1e-6) -> np.ndarray:
+         mask_threshold: float | None = None, background_eps: float = 1e-6) -> np.ndarray:
     """Fuse the decoded global and local soft-tissue images (§5.3, with §7.17-§7.19 fixed).
 
     Steps:
@@ -383,7 +386,8 @@ def fuse(global_img: np.ndarray, local_img: np.ndarray, mask: np.ndarray, cxr: n
         mode: one of :data:`FUSION_MODES`.
         min_component_px: minimum lung-component area at 1024² (reference: 100).
         poisson_domain: ``"mask"`` or ``"bbox"`` (see :func:`poisson_blend`).
-        mask_threshold: see :func:`binarize_mask` (1.0 = the reference's "== 255").
+        mask_threshold: see :func:`binarize_mask` (None = the project's one binarisation, > half
+            scale; 1.0 = the reference's "== 255").
         background_eps: CXR values <= this are background (8-bit 0 maps to exactly 0.0).
 
     Returns:

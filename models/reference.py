@@ -18,6 +18,7 @@ Files are read with :func:`utils.foreign_pickle.read_module_tree`, which runs no
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -173,20 +174,16 @@ def convert_reference(cfg: Config, unet_path: str | Path, vqgan_path: str | Path
     (found beside ``ldm.pt``). The UNet fills both the ``unet`` and the ``ema`` slot (the authors
     saved raw weights only). Nothing is written; any mismatch raises ForeignPickleError.
     """
-    import copy
-
     from utils.config import config_to_dict
     from utils.release import sha256
 
     unet_path, vqgan_path = Path(unet_path), Path(vqgan_path)
     vq_state, codes = convert_vqgan(vqgan_path, cfg)
-    cfg = copy.deepcopy(cfg)
-    cfg.vqgan.num_embeddings = codes
+    cfg = replace(cfg, vqgan=replace(cfg.vqgan, num_embeddings=codes))    # a new config; the caller's is kept
     latent = cfg.data.image_size // 2 ** len(cfg.vqgan.channels)
     unet_state, order = convert_unet(unet_path, cfg, latent)
-    if order is not None:
-        cfg.unet.use_new_attention_order = order
-    cfg.ldm_train.vqgan_ckpt = "vqgan.pt"
+    cfg = replace(cfg, unet=cfg.unet if order is None else replace(cfg.unet, use_new_attention_order=order),
+                  ldm_train=replace(cfg.ldm_train, vqgan_ckpt="vqgan.pt"))
     sources = {"unet": {"file": unet_path.name, "sha256": sha256(unet_path)},
                "vqgan": {"file": vqgan_path.name, "sha256": sha256(vqgan_path)}}
     facts = {"converted_from": f"{method} ({dataset})", "source": sources,

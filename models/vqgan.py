@@ -23,7 +23,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ResUnit", "Encoder", "Decoder", "VectorQuantizerEMA", "VQGAN",
+from utils.config import VQGANConfig
+
+__all__ = ["ResUnit", "Encoder", "Decoder", "VectorQuantizerEMA", "VQGAN", "build_vqgan",
            "codebook_counts", "usage_from_counts", "codebook_usage"]
 
 
@@ -382,3 +384,11 @@ class VQGAN(nn.Module):
         counts = torch.bincount(indices.reshape(-1), minlength=self.num_embeddings)
         perplexity = _perplexity(counts).float()
         return x_rec, commitment_loss, {"indices": indices, "perplexity": perplexity}
+
+
+def build_vqgan(cfg: VQGANConfig) -> VQGAN:
+    """ML-VQGAN from ``model.vqgan``; out_channels = in_channels. Raises ValueError on bad values."""
+    return VQGAN(in_channels=cfg.in_channels, channels=cfg.channels,
+                 num_res_channels=cfg.num_res_channels, num_res_layers=cfg.num_res_layers,
+                 embedding_dim=cfg.embedding_dim, num_embeddings=cfg.num_embeddings,
+                 commitment_cost=cfg.commitment_cost, decay=cfg.decay, epsilon=cfg.epsilon)

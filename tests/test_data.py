@@ -10,11 +10,15 @@ from PIL import Image
 
 import dataSegmentation
 from data.datasets import ImageDataset, PairedDataset, split_list
-from data.io import ImageError, read_image
-from data.masking import binarize_mask, masked_copy
-from data.splits import list_images, list_paths, read_list, read_split, split_names, write_split
+from data.io import ImageError, list_images, read_image
+from data.masking import binarize_mask, load_mask, masked_copy
+from data.splits import list_paths, read_list, read_split, split_names, write_split
 from tests.conftest import write_gray
 from utils.config import load_config
+
+
+def image_names(folder):
+    return [p.name for p in list_images(folder)]
 
 
 # ------------------------------------------------------------------------------------------ splits
@@ -68,7 +72,7 @@ def test_read_list_errors(tmp_path):
 # ----------------------------------------------------------------------------------------- datasets
 
 def test_paired_dataset_items(pair_folder):
-    names = list_images(pair_folder / "CXR")
+    names = image_names(pair_folder / "CXR")
     ds = PairedDataset(pair_folder, names, image_size=16, with_mask=True)
     item = ds[0]
     assert item["cxr"].shape == item["bs"].shape == item["mask"].shape == (1, 16, 16)
@@ -82,7 +86,7 @@ def test_paired_dataset_items(pair_folder):
 
 
 def test_paired_dataset_augmentation_is_seeded_and_shared(pair_folder):
-    names = list_images(pair_folder / "CXR")
+    names = image_names(pair_folder / "CXR")
     plain = PairedDataset(pair_folder, names, 32, with_mask=True)[0]
     a = PairedDataset(pair_folder, names, 32, with_mask=True, augment=True, seed=5)
     b = PairedDataset(pair_folder, names, 32, with_mask=True, augment=True, seed=5)
@@ -103,7 +107,7 @@ def test_paired_dataset_errors(pair_folder):
 
 
 def test_image_dataset_union(pair_folder):
-    names = list_images(pair_folder / "CXR")[:3]
+    names = image_names(pair_folder / "CXR")[:3]
     ds = ImageDataset(pair_folder, names, ["CXR", "BS"], 16)
     assert len(ds) == 6 and ds[4]["subdir"] == "BS" and ds[4]["image"].shape == (1, 16, 16)
 
@@ -129,7 +133,7 @@ def test_scan_split_and_masked_copies(pair_folder, capsys):
     split = read_split(pair_folder, "t")
     assert sum(len(v) for v in split.values()) == 10 and len(split["train"]) == 8
     assert split_list(cfg.data, "test") == split["test"]
-    assert list_images(pair_folder / "Masked_CXR") == list_images(pair_folder / "CXR")
+    assert image_names(pair_folder / "Masked_CXR") == image_names(pair_folder / "CXR")
     m = read_image(pair_folder / "Masked_BS" / "case03.png").pixels
     mask = read_image(pair_folder / "Mask" / "case03.png").pixels > 0.5
     assert (m[~mask] == 0).all() and m[mask].max() == 1.0
@@ -222,7 +226,6 @@ def test_links_to_nothing_and_image_named_folders_are_named(tmp_path, capsys):
     import os
 
     import dataSegmentation
-    from utils.scripts import folder_images
 
     for sub in ("CXR", "BS"):
         d = tmp_path / sub
@@ -231,15 +234,49 @@ def test_links_to_nothing_and_image_named_folders_are_named(tmp_path, capsys):
         os.symlink(d / "missing.png", d / "dangling.png")
         os.symlink(d / "loop.png", d / "loop.png")
         (d / "dir.png").mkdir()
-    assert [p.name for p in folder_images(tmp_path / "CXR", "x.py")] == ["a.png"]
-    err = capsys.readouterr().err
+    skipped = []
+    assert list_images(tmp_path / "CXR", must_exist=True, problems=skipped) == [tmp_path / "CXR" / "a.png"]
+    named = [f"{p.name}: {why}" for p, why in skipped]
     for name in ("dangling.png: a broken symbolic link", "loop.png: a broken symbolic link",
                  "dir.png: a folder, not an image file"):
-        assert name in err, err
+        assert any(n.startswith(name) for n in named), named
     report = dataSegmentation.scan_pairs(tmp_path, progress=False)
     problems = [Path(p).name + ": " + why for p, why in report.problems]
     assert "dir.png: a folder, not an image file, ignored" in problems
     assert sum("broken symbolic link" in p for p in problems) == 4          # two per folder
+
+
+def test_list_images_options(tmp_path):
+    """One lister: sorted image paths; a missing folder is [] or, with must_exist, an error naming it;
+    the entries passed over are handed back in listing order when asked for."""
+    d = tmp_path / "in"
+    assert list_images(d) == []
+    with pytest.raises(FileNotFoundError, match=f"{d}: input folder not found"):
+        list_images(d, must_exist=True)
+    d.mkdir()
+    for name in ("b.PNG", "a.dcm", ".hidden.png", "notes.txt", "c.tif"):
+        (d / name).write_bytes(b"")
+    (d / "sub").mkdir()
+    skipped = []
+    assert list_images(d, problems=skipped) == [d / "a.dcm", d / "b.PNG", d / "c.tif"]
+    assert skipped == [(d / "notes.txt", "not an image file (ignored)")]       # a plain sub-folder is not news
+
+
+def test_load_mask_finds_checks_and_binarises(tmp_path):
+    masks = tmp_path / "Mask"
+    m = np.zeros((8, 8), np.uint8)
+    m[2:6, 1:4] = 255
+    m[0, 0] = 127                                                          # below half scale: not lung
+    write_gray(masks / "x.png", m)
+    pixels = np.zeros((8, 8), np.float32)
+    got = load_mask(tmp_path / "x.dcm", masks, pixels, auto=False, max_pixels=10**6)   # found by stem
+    assert got.dtype == bool and got.sum() == 12 and not got[0, 0]
+    with pytest.raises(ImageError, match="y.png: lung mask not found"):
+        load_mask(tmp_path / "y.png", masks, pixels, auto=False, max_pixels=10**6)
+    with pytest.raises(ImageError, match="differs from its CXR"):
+        load_mask(tmp_path / "x.png", masks, np.zeros((9, 8)), auto=False, max_pixels=10**6)
+    with pytest.raises(ValueError, match="give --masks DIR or set global_local.masks=auto"):
+        load_mask(tmp_path / "x.png", None, pixels, auto=False, max_pixels=10**6)
 
 
 def test_unwritable_list_folder_is_refused_before_the_scan(pair_folder, tmp_path):

@@ -260,6 +260,15 @@ def test_binarize_mask():
         binarize_mask(np.zeros((2, 2, 3)))
 
 
+def test_default_binarisation_is_the_one_of_data_masking():
+    """fuse() reads a mask as the data pipeline does (> half scale); the reference's == 255 stays an option."""
+    from data.masking import binarize_mask as binarize_pixels
+
+    u8 = np.arange(256, dtype=np.uint8)[None]
+    assert (binarize_mask(u8) == binarize_pixels(u8 / 255.0)).all()
+    assert (binarize_mask(u8) == (u8 >= 128)).all() and (binarize_mask(u8, 1.0) == (u8 == 255)).all()
+
+
 def test_mean_match_removes_offset_inside_mask_only():
     rng = np.random.default_rng(0)
     g = rng.random((20, 20))

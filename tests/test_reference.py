@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from models import build_unet, count_parameters, load_vqgan
+from models import build_unet, count_parameters, load_ldm, load_vqgan
 from models.reference import convert_unet, convert_vqgan, reference_vqgan_key
 from tests.conftest import ROOT
 from tests.reference_fakes import (Payload, fake_class, reference_unet, reference_vqvae, reference_vqvae_reconstruct,
@@ -23,7 +23,6 @@ from utils.foreign_pickle import ForeignPickleError, read_module_tree
 from utils.release import export_release
 
 convert = load_script("convert_reference.py")
-ldm_eval = load_script("ldm_eval.py")
 
 # The smoke architecture (with the reference's 8 output channels and 2 residual units per level).
 SMALL = ["data.image_size=32", "vqgan.channels=[8, 16]", "vqgan.num_res_channels=8", "vqgan.num_res_layers=2",
@@ -135,7 +134,7 @@ def test_bs_ldm_jsrt_conversion_end_to_end(tmp_path):
     assert c["global_local"]["enabled"] is False and c["vqgan"]["num_embeddings"] == 16
     assert ckpt["extra"]["source"]["unet"]["sha256"] == _sha(unet_pth)
     assert ckpt["state"]["unet"].keys() == ckpt["state"]["ema"].keys()
-    eps, _ = ldm_eval.load_ldm(out / "ldm.pt", torch.device("cpu"))
+    eps, _ = load_ldm(out / "ldm.pt", torch.device("cpu"))
     x, t = torch.randn(1, 8, 8, 8), torch.tensor([500])
     with torch.no_grad():
         assert torch.equal(eps(x, t), unet(x, t))
@@ -322,7 +321,7 @@ def test_export_of_a_run_and_refusals(tmp_path):
     vq_model, _ = load_vqgan(out / "vqgan.safetensors")
     assert all(torch.equal(vq_model.state_dict()[k], v) for k, v in vq_state.items())
     with pytest.raises(CheckpointError, match="holds no 'unet' weights"):
-        ldm_eval.load_ldm(out / "ldm.safetensors", torch.device("cpu"), weights="raw")
+        load_ldm(out / "ldm.safetensors", torch.device("cpu"), weights="raw")
     # existing outputs are kept
     res = subprocess.run([sys.executable, "convert_reference.py", "--export", str(run / "best.pt"), "--out", str(out)],
                          cwd=ROOT, capture_output=True, text=True)

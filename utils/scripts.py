@@ -47,31 +47,6 @@ def checkpoint_config(ckpt: str | Path, kind: str, config_files: list | None = N
     return config_from_dict(load_checkpoint(ckpt, kind=kind)["config"], f"{ckpt} (config)", overrides)
 
 
-def folder_images(folder: str | Path, script: str) -> list[Path]:
-    """The image files of an input folder, sorted; every other file is named on stderr, not silently dropped.
-
-    Raises:
-        FileNotFoundError: the folder does not exist.
-    """
-    from data.io import is_image_file
-
-    d = Path(folder)
-    if not d.is_dir():
-        raise FileNotFoundError(f"{d}: input folder not found")
-    from data.splits import unusable_entry
-
-    entries = sorted(d.iterdir())
-    for p in entries:
-        why = unusable_entry(p)
-        if why:
-            print(f"{script}: {p}: {why}", file=sys.stderr)
-    files = [p for p in entries if p.is_file() and not p.name.startswith(".")]
-    for p in files:
-        if not is_image_file(p):
-            print(f"{script}: {p}: not an image file (ignored)", file=sys.stderr)
-    return [p for p in files if is_image_file(p)]
-
-
 def naming_file(path: str | Path, err: Exception) -> str:
     """``err``'s message, prefixed with ``path`` unless it already names it (per-image failure lines)."""
     return str(err) if str(path) in str(err) else f"{path}: {err}"
