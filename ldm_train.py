@@ -33,7 +33,7 @@ samples/val_<epoch>.png, checkpoints/ (step_*.pt, best.pt by EMA val loss, lates
 """
 from __future__ import annotations
 
-import math
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -42,18 +42,18 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from tqdm import tqdm
 
 from data.datasets import PairedDataset, split_list
-from models import build_unet, count_parameters, load_vqgan
+from models import build_unet, count_parameters, load_ldm, load_vqgan
 from models.distill import consistency_distillation_loss
 from models.inference import suppress_latents
 from models.schedule import build_schedule, eps_model, training_loss
-from utils.checkpoint import CheckpointError, CheckpointManager, load_checkpoint, load_state, resolve_first_stage
-from utils.config import ConfigError, config_from_dict, config_to_dict, save_config
-from utils.dist import (DistInfo, all_reduce_mean, autocast_context, barrier, cleanup_distributed,
-                        seed_everything, setup_distributed)
+from utils.checkpoint import CheckpointError, resolve_first_stage
+from utils.config import Config, ConfigError
+from utils.dist import DistInfo, all_reduce_mean, autocast_context, seed_everything
 from utils.ema import EMA
-from utils.logging import CSVLogger, get_logger, plot_curves, save_grid
-from utils.training import (check_finite, iteration_milestones, prepare_run_dir, remove_run_dir_on_failure,
-                            resume_checkpoint, run_training_cli, training_parser)
+from utils.logging import get_logger, plot_curves, save_grid
+from utils.scripts import checkpoint_config
+from utils.training import (RunCheckpoints, check_finite, iteration_milestones, prepare_run_dir, run_training,
+                            run_training_cli, training_parser)
 
 STAGE = "ldm"
 FROZEN_SECTIONS = ("unet", "diffusion", "data")
@@ -119,22 +119,56 @@ def sample_grid(path: Path, unet, vqgan, schedule, val_set: TensorDataset, cfg, 
     save_grid(path, cols)
 
 
-def main(cfg, resume: str | Path | None = None, progress: bool = True) -> Path:
-    """Train; return the run folder. See the module docstring."""
-    info = setup_distributed(cfg.run.device)
-    try:
-        with remove_run_dir_on_failure():
-            return _train(cfg, info, resume, progress)
-    finally:
-        cleanup_distributed()
+def resolve_config(cfg: Config) -> Config:
+    """The config a run trains with, as its config.yaml and checkpoints state it.
+
+    Diffusion: ``cfg`` itself. Distillation: ``cfg`` with the teacher's ``unet`` and ``diffusion``
+    sections (a ``bug_compatible`` teacher gives a ``scaled_consistent`` student: its sampling input
+    is its training input, §3.5) and, when ``ldm_train.vqgan_ckpt`` is empty, the teacher's first
+    stage (found as :func:`utils.checkpoint.resolve_first_stage` finds it). Reads the teacher's config
+    only; returns a new object and never changes ``cfg``; resolving a resolved config gives it back.
+
+    Raises:
+        ConfigError: no ``distill.teacher_ckpt``. CheckpointError: the teacher is not a diffusion
+            checkpoint of this stage, or was trained with another ``data.image_size`` / ``data.invert``.
+    """
+    if cfg.ldm_train.mode != "distill":
+        return cfg
+    path = cfg.distill.teacher_ckpt
+    if not path:
+        raise ConfigError("distill.teacher_ckpt is empty: give a diffusion checkpoint of ldm_train.py, e.g. "
+                          "--set distill.teacher_ckpt=runs/ldm/000-demo/checkpoints/best.pt")
+    tcfg = checkpoint_config(path, STAGE)
+    if tcfg.ldm_train.mode != "diffusion":
+        raise CheckpointError(f"{path}: is a '{tcfg.ldm_train.mode}' checkpoint; the teacher must be a diffusion model")
+    for key in ("image_size", "invert"):
+        if getattr(tcfg.data, key) != getattr(cfg.data, key):
+            raise CheckpointError(f"{path}: teacher trained with data.{key}={getattr(tcfg.data, key)!r}, "
+                                  f"this config has {getattr(cfg.data, key)!r}")
+    diffusion = tcfg.diffusion
+    if diffusion.cond_mode == "bug_compatible":
+        # Same training input (√ᾱ_t·c); sampling then feeds what the student was distilled on.
+        diffusion = dataclasses.replace(diffusion, cond_mode="scaled_consistent")
+    vqgan_ckpt = cfg.ldm_train.vqgan_ckpt or str(resolve_first_stage(path, tcfg.ldm_train.vqgan_ckpt))
+    return dataclasses.replace(cfg, unet=tcfg.unet, diffusion=diffusion,
+                               ldm_train=dataclasses.replace(cfg.ldm_train, vqgan_ckpt=vqgan_ckpt))
+
+
+def main(cfg: Config, resume: str | Path | None = None, progress: bool = True) -> Path:
+    """Train; return the run folder. See the module docstring.
+
+    ``cfg`` is not changed: the run trains with :func:`resolve_config` of it, resolved before any
+    work, and that is the config its config.yaml and checkpoints hold.
+    """
+    return run_training(_train, resolve_config(cfg), resume, progress)
 
 
 def _train(cfg, info: DistInfo, resume, progress: bool) -> Path:
     device, tc = info.device, cfg.ldm_train
     seed_everything(cfg.run.seed, info.rank)
     teacher = None
-    if tc.mode == "distill":
-        teacher = load_teacher(cfg, device)
+    if tc.mode == "distill":      # the frozen teacher: its EMA weights, the UNet itself (not seen as ε)
+        teacher, _ = load_ldm(cfg.distill.teacher_ckpt, device, "ema", as_eps=False)
     if not tc.cache_latents:
         raise ConfigError("ldm_train.cache_latents=false is not supported: the frozen VQGAN's latents are "
                           "encoded once (set data.augment=false and cache_latents=true)")
@@ -176,23 +210,9 @@ def _train(cfg, info: DistInfo, resume, progress: bool) -> Path:
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, iteration_milestones(tc.milestones, steps_per_epoch),
                                                  gamma=tc.gamma)
 
-    ckpts = CheckpointManager(run_dir, tc.keep_last)
-    start_epoch, step, best = 0, 0, math.inf
-    if resume is not None:
-        ckpt, path = resume_checkpoint(ckpts, run_dir, STAGE, cfg, FROZEN_SECTIONS)
-        load_state(unet, ckpt["state"]["unet"], path, "unet")
-        load_state(ema.shadow, ckpt["state"]["ema"], path, "ema")
-        opt.load_state_dict(ckpt["state"]["opt"])
-        sched.load_state_dict(ckpt["state"]["sched"])
-        start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
-        best = ckpt["extra"].get("best_val", math.inf)
-        torch.set_rng_state(ckpt["extra"]["rng_cpu"])
-        log.info(f"resumed from {path} (epoch {ckpt['epoch']}, step {step})")
-    if info.is_main:
-        save_config(cfg, run_dir / "config.yaml")
-    metrics_log = CSVLogger(run_dir / "metrics.csv") if info.is_main else None
-    if metrics_log is not None:
-        metrics_log.truncate_after(step)
+    ckpts = RunCheckpoints(run_dir, STAGE, cfg, info, log, tc.keep_last,
+                           {"unet": unet, "ema": ema.shadow, "opt": opt, "sched": sched})
+    start_epoch, step, best, metrics_log = ckpts.begin(resume is not None, FROZEN_SECTIONS)
     log.info(f"run {run_dir} | {info.world_size} process(es) on {device} | UNet {count_parameters(unet):,} params "
              f"| latents {tuple(train_set.tensors[0].shape[1:])} | {len(train_set)} train / {len(val_set)} val "
              f"pairs, {steps_per_epoch} iterations per epoch | {tc.mode} | {cfg.diffusion.beta_schedule}, offset "
@@ -209,7 +229,7 @@ def _train(cfg, info: DistInfo, resume, progress: bool) -> Path:
         for z_bs, z_cxr in bar:
             with amp:
                 loss, logs = loss_fn(unet_ddp, z_bs.to(device), z_cxr.to(device), None, ema.shadow)
-            if not check_finite(loss, tc.mode, step, epoch, ckpts, info, tc.on_nonfinite):
+            if not check_finite(loss, tc.mode, step, epoch, ckpts.manager, info, tc.on_nonfinite):
                 skipped += 1
                 log.info(f"skipped a batch with a non-finite loss at step {step} ({skipped} so far)")
                 continue
@@ -243,43 +263,9 @@ def _train(cfg, info: DistInfo, resume, progress: bool) -> Path:
             plot_curves(run_dir / "metrics.csv", run_dir / "curves.png", ["loss", "val_loss"],
                         title=f"LDM {run_dir.name}")
         if (epoch + 1) % tc.ckpt_every == 0 or last or is_best:
-            if info.is_main:
-                state = {"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                         "sched": sched.state_dict()}
-                path = ckpts.save(step=step, best=is_best, kind=STAGE, epoch=epoch, config=config_to_dict(cfg),
-                                  state=state, extra={"best_val": best, "rng_cpu": torch.get_rng_state(),
-                                                      "latent_size": latent})
-                log.info(f"checkpoint {path}" + (" (best)" if is_best else ""))
-            barrier(info)
+            ckpts.save(epoch=epoch, step=step, best=best, is_best=is_best, extra={"latent_size": latent})
     log.info(f"done: {run_dir}")
     return run_dir
-
-
-def load_teacher(cfg, device: torch.device):
-    """The frozen teacher (EMA weights) of a distillation run; copies its architecture, schedule,
-    offset noise and condition mode (and VQGAN, unless given) into ``cfg``."""
-    path = cfg.distill.teacher_ckpt
-    if not path:
-        raise ConfigError("distill.teacher_ckpt is empty: give a diffusion checkpoint of ldm_train.py, e.g. "
-                          "--set distill.teacher_ckpt=runs/ldm/000-demo/checkpoints/best.pt")
-    ckpt = load_checkpoint(path, kind=STAGE)
-    tcfg = config_from_dict(ckpt["config"], source=f"{path} (config)")
-    if tcfg.ldm_train.mode != "diffusion":
-        raise CheckpointError(f"{path}: is a '{tcfg.ldm_train.mode}' checkpoint; the teacher must be a diffusion model")
-    for key in ("image_size", "invert"):
-        if getattr(tcfg.data, key) != getattr(cfg.data, key):
-            raise CheckpointError(f"{path}: teacher trained with data.{key}={getattr(tcfg.data, key)!r}, "
-                                  f"this config has {getattr(cfg.data, key)!r}")
-    cfg.unet = tcfg.unet
-    cfg.diffusion = tcfg.diffusion
-    if cfg.diffusion.cond_mode == "bug_compatible":
-        # Same training input (√ᾱ_t·c); sampling then feeds what the student was distilled on.
-        cfg.diffusion.cond_mode = "scaled_consistent"
-    if not cfg.ldm_train.vqgan_ckpt:
-        cfg.ldm_train.vqgan_ckpt = str(resolve_first_stage(path, tcfg.ldm_train.vqgan_ckpt))
-    teacher = build_unet(tcfg.unet, image_size=ckpt["extra"]["latent_size"])
-    load_state(teacher, ckpt["state"]["ema"], path, "ema")
-    return teacher.to(device).eval().requires_grad_(False)
 
 
 if __name__ == "__main__":

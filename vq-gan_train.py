@@ -19,7 +19,6 @@ curves.png, samples/val_<epoch>.png (input | reconstruction | |error|×4) and ch
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -31,14 +30,11 @@ from data.datasets import BS, CXR, MASKED_BS, MASKED_CXR, ImageDataset, split_li
 from models import build_discriminator, build_hybrid_loss, build_vqgan, count_parameters
 from models.msssim import MSSSIM
 from models.vqgan import codebook_counts, usage_from_counts
-from utils.checkpoint import CheckpointManager, load_state
-from utils.config import config_to_dict, save_config
-from utils.dist import (DistInfo, all_reduce_mean, autocast_context, barrier, cleanup_distributed,
-                        seed_everything, setup_distributed)
+from utils.dist import DistInfo, all_reduce_mean, autocast_context, seed_everything
 from utils.hub import VGG16_FILE, require_hub_file
-from utils.logging import CSVLogger, get_logger, plot_curves, save_grid
-from utils.training import (check_finite, iteration_milestones, prepare_run_dir, remove_run_dir_on_failure,
-                            resume_checkpoint, run_training_cli, training_parser)
+from utils.logging import get_logger, plot_curves, save_grid
+from utils.training import (RunCheckpoints, check_finite, iteration_milestones, prepare_run_dir, run_training,
+                            run_training_cli, training_parser)
 
 STAGE = "vqgan"
 # Config sections a resumed run must share with its checkpoint (the rest may be changed).
@@ -106,13 +102,9 @@ def evaluate(model, loader: DataLoader, cfg, device: torch.device) -> tuple[dict
 
 
 def main(cfg, resume: str | Path | None = None, progress: bool = True) -> Path:
-    """Train; return the run folder. See the module docstring."""
-    info = setup_distributed(cfg.run.device)
-    try:
-        with remove_run_dir_on_failure():
-            return _train(cfg, info, resume, progress)
-    finally:
-        cleanup_distributed()
+    """Train; return the run folder. See the module docstring. ``cfg`` is what runs, as given (this
+    stage takes nothing from other checkpoints), and what config.yaml and the checkpoints hold."""
+    return run_training(_train, cfg, resume, progress)
 
 
 def _train(cfg, info: DistInfo, resume, progress: bool) -> Path:
@@ -151,26 +143,11 @@ def _train(cfg, info: DistInfo, resume, progress: bool) -> Path:
         opt_d = torch.optim.Adam(disc.parameters(), lr=tc.lr_d, betas=betas)
         sched_d = torch.optim.lr_scheduler.MultiStepLR(opt_d, milestones, gamma=tc.gamma)
 
-    ckpts = CheckpointManager(run_dir, tc.keep_last)
-    start_epoch, step, best = 0, 0, math.inf
-    if resume is not None:
-        ckpt, path = resume_checkpoint(ckpts, run_dir, STAGE, cfg, FROZEN_SECTIONS)
-        load_state(model, ckpt["state"]["model"], path, "model")
-        opt_g.load_state_dict(ckpt["state"]["opt_g"])
-        sched_g.load_state_dict(ckpt["state"]["sched_g"])
-        if disc is not None:
-            load_state(disc, ckpt["state"]["disc"], path, "disc")
-            opt_d.load_state_dict(ckpt["state"]["opt_d"])
-            sched_d.load_state_dict(ckpt["state"]["sched_d"])
-        start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
-        best = ckpt["extra"].get("best_val", math.inf)
-        torch.set_rng_state(ckpt["extra"]["rng_cpu"])
-        log.info(f"resumed from {path} (epoch {ckpt['epoch']}, step {step})")
-    if info.is_main:
-        save_config(cfg, run_dir / "config.yaml")
-    metrics_log = CSVLogger(run_dir / "metrics.csv") if info.is_main else None
-    if metrics_log is not None:
-        metrics_log.truncate_after(step)   # rows logged after the checkpoint are re-logged
+    parts = {"model": model, "opt_g": opt_g, "sched_g": sched_g}
+    if disc is not None:
+        parts.update(disc=disc, opt_d=opt_d, sched_d=sched_d)
+    ckpts = RunCheckpoints(run_dir, STAGE, cfg, info, log, tc.keep_last, parts)
+    start_epoch, step, best, metrics_log = ckpts.begin(resume is not None, FROZEN_SECTIONS)
     log.info(f"run {run_dir} | {info.world_size} process(es) on {device} | VQGAN {count_parameters(model):,} params"
              + (f", discriminator {count_parameters(disc):,}" if disc is not None else "")
              + f" | {len(train_loader.dataset)} train / {len(val_loader.dataset)} val images, "
@@ -189,7 +166,7 @@ def _train(cfg, info: DistInfo, resume, progress: bool) -> Path:
             with amp:
                 x_rec, commit, vq_info = model_ddp(x)
                 loss_g, logs = loss_fn.generator_loss(x, x_rec, commit, step)
-            if not check_finite(loss_g, "generator", step, epoch, ckpts, info, tc.on_nonfinite):
+            if not check_finite(loss_g, "generator", step, epoch, ckpts.manager, info, tc.on_nonfinite):
                 skipped += 1
                 log.info(f"skipped a batch with a non-finite generator loss at step {step} ({skipped} so far)")
                 continue
@@ -201,7 +178,7 @@ def _train(cfg, info: DistInfo, resume, progress: bool) -> Path:
                 with amp:
                     loss_d, logs_d = loss_fn.discriminator_loss(x, x_rec, step)
                 if loss_d.requires_grad:
-                    if check_finite(loss_d, "discriminator", step, epoch, ckpts, info, tc.on_nonfinite):
+                    if check_finite(loss_d, "discriminator", step, epoch, ckpts.manager, info, tc.on_nonfinite):
                         opt_d.zero_grad(set_to_none=True)
                         loss_d.backward()
                         opt_d.step()
@@ -235,14 +212,7 @@ def _train(cfg, info: DistInfo, resume, progress: bool) -> Path:
             plot_curves(run_dir / "metrics.csv", run_dir / "curves.png",
                         ["loss_g", "rec", "loss_d", "val_rec"], title=f"VQGAN {run_dir.name}")
         if (epoch + 1) % tc.ckpt_every == 0 or last or is_best:
-            if info.is_main:
-                state = {"model": model.state_dict(), "opt_g": opt_g.state_dict(), "sched_g": sched_g.state_dict()}
-                if disc is not None:
-                    state.update(disc=disc.state_dict(), opt_d=opt_d.state_dict(), sched_d=sched_d.state_dict())
-                path = ckpts.save(step=step, best=is_best, kind=STAGE, epoch=epoch, config=config_to_dict(cfg),
-                                  state=state, extra={"best_val": best, "rng_cpu": torch.get_rng_state()})
-                log.info(f"checkpoint {path}" + (" (best)" if is_best else ""))
-            barrier(info)
+            ckpts.save(epoch=epoch, step=step, best=best, is_best=is_best)
     log.info(f"done: {run_dir}")
     return run_dir
 

@@ -1,7 +1,9 @@
 """ldm_train.py and ldm_eval.py end to end on a tiny dataset and VQGAN (CPU)."""
 from __future__ import annotations
 
+import copy
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,7 +18,7 @@ from data.io import read_image
 from tests.conftest import ROOT
 from tests.scripts import load_script, smoke_config, tiny_dataset
 from utils.checkpoint import CheckpointError, load_checkpoint
-from utils.config import ConfigError
+from utils.config import ConfigError, config_from_dict
 
 vq_train = load_script("vq-gan_train.py")
 ldm_train = load_script("ldm_train.py")
@@ -200,9 +202,18 @@ def test_distillation_mode(stage1, tmp_path, prediction):
     cfg = load_config([ROOT / "configs" / "demo.yaml", ROOT / "configs" / "smoke.yaml", ROOT / "configs" / "distill.yaml"],
                       [f"data.root={root}", f"run.out_dir={tmp_path / 's'}", f"distill.teacher_ckpt={teacher_ckpt}",
                        "ldm_train.epochs=1", "unet.model_channels=64"])   # the teacher's architecture wins
+    given = copy.deepcopy(cfg)
     run = ldm_train.main(cfg, progress=False)
+    assert cfg == given and cfg.ldm_train.vqgan_ckpt == ""              # the caller's config is not changed
     ckpt = latest(run)
     saved = ckpt["config"]
+    # config.yaml and the checkpoints state the config the run used: the teacher's sections, resolved
+    used = ldm_train.resolve_config(cfg)
+    teacher_cfg = config_from_dict(load_checkpoint(teacher_ckpt)["config"])
+    assert load_config([run / "config.yaml"]) == config_from_dict(saved) == used
+    assert used.unet == teacher_cfg.unet and used.ldm_train.vqgan_ckpt == str(vq)
+    assert used.diffusion == dataclasses.replace(teacher_cfg.diffusion, cond_mode="scaled_consistent")
+    assert ldm_train.resolve_config(used) == used                        # resolving again changes nothing
     assert saved["ldm_train"]["mode"] == "distill" and saved["unet"]["model_channels"] == 32
     assert saved["diffusion"]["cond_mode"] == "scaled_consistent"     # bug_compatible teacher, consistent student
     assert saved["diffusion"]["prediction"] == prediction               # the student predicts what the teacher did
@@ -313,6 +324,23 @@ def test_eval_overrides_that_cannot_apply_are_errors_and_vqgan_ckpt_applies(stag
     cfg = ldm_eval.config_for(parse(["--ckpt", ckpt, "--set", "ldm_train.vqgan_ckpt=nope.pt"]))
     with pytest.raises(CheckpointError, match="ldm_train.vqgan_ckpt=nope.pt: file not found"):
         ldm_eval.main(cfg, ckpt, out_dir=tmp_path / "out2", progress=False)
+
+
+def test_eval_runs_with_the_model_convention_and_leaves_the_callers_config(stage1, tmp_path):
+    """A config from files (not the checkpoint's) with another size and intensity convention: the run
+    uses the model's, the caller's object is unchanged, and the summary states the config that ran."""
+    root, _ = stage1
+    run = ldm_train.main(cfg_for(stage1, tmp_path, "ldm_train.epochs=1"), progress=False)
+    ckpt = run / "checkpoints" / "best.pt"
+    given = smoke_config(root, tmp_path, "data.image_size=64", "data.invert=true", "sampler.steps=2")
+    before = copy.deepcopy(given)
+    summary = ldm_eval.main(given, ckpt, out_dir=tmp_path / "out", progress=False)
+    assert given == before and summary["written"] > 0
+    ran = config_from_dict(summary["config"])
+    assert (ran.data.image_size, ran.data.invert, ran.sampler.steps) == (32, False, 2)
+    assert json.loads((tmp_path / "out" / "timing.json").read_text())["config"] == summary["config"]
+    trained = config_from_dict(load_checkpoint(ckpt)["config"])
+    assert ran == ldm_eval.resolve_config(given, trained) == ldm_eval.resolve_config(ran, trained)
 
 
 def test_moved_run_tree_finds_its_first_stage_from_anywhere(stage1, tmp_path, monkeypatch):
