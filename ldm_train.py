@@ -28,7 +28,8 @@ step k = T/N back, and regresses the student's consistency output onto the targe
 pseudo-Huber, gradient norm clipped at 1). A teacher trained in ``bug_compatible`` mode yields a
 student in ``scaled_consistent`` mode (its sampling input is its training input, §3.5).
 
-Run folder ``<run.out_dir>/ldm/<NNN>-<run.name>/``: config.yaml, log.txt, metrics.csv, curves.png,
+Run folder ``<run.out_dir>/ldm/<NNN>-<run.name>/``: config.yaml (the config the run used: a
+distillation's holds the teacher's sections, see ``resolve_config``), log.txt, metrics.csv, curves.png,
 samples/val_<epoch>.png, checkpoints/ (step_*.pt, best.pt by EMA val loss, latest.json).
 """
 from __future__ import annotations
@@ -122,11 +123,12 @@ def sample_grid(path: Path, unet, vqgan, schedule, val_set: TensorDataset, cfg, 
 def resolve_config(cfg: Config) -> Config:
     """The config a run trains with, as its config.yaml and checkpoints state it.
 
-    Diffusion: ``cfg`` itself. Distillation: ``cfg`` with the teacher's ``unet`` and ``diffusion``
-    sections (a ``bug_compatible`` teacher gives a ``scaled_consistent`` student: its sampling input
-    is its training input, §3.5) and, when ``ldm_train.vqgan_ckpt`` is empty, the teacher's first
-    stage (found as :func:`utils.checkpoint.resolve_first_stage` finds it). Reads the teacher's config
-    only; returns a new object and never changes ``cfg``; resolving a resolved config gives it back.
+    Diffusion: ``cfg`` itself (nothing to resolve). Distillation: a new config, ``cfg`` with the
+    teacher's ``unet`` and ``diffusion`` sections (a ``bug_compatible`` teacher gives a
+    ``scaled_consistent`` student: its sampling input is its training input, §3.5) and, when
+    ``ldm_train.vqgan_ckpt`` is empty, the teacher's first stage (found as
+    :func:`utils.checkpoint.resolve_first_stage` finds it). Reads the teacher's config only; never
+    changes ``cfg``; resolving a resolved config gives it back.
 
     Raises:
         ConfigError: no ``distill.teacher_ckpt``. CheckpointError: the teacher is not a diffusion
