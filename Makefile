@@ -1,13 +1,14 @@
 # Two commands on a fresh machine (Python >= 3.10 and pip):
-#   make demo   the whole pipeline on synthetic phantoms -> runs/demo/report.html (9-10 min on 2 cores)
+#   make demo   the whole pipeline on synthetic phantoms -> runs/demo/report.html (11 min on 2 cores)
 #   make test   the test suite (CPU)
 # Both create or refresh the local virtual environment .venv from requirements*.txt.
+# Research kits run as modules from this folder: make bench, or .venv/bin/python -m tools.<name> --help.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test test-fast demo data clean
+.PHONY: venv test test-fast demo data bench clean
 
 venv: $(STAMP)
 
@@ -28,6 +29,9 @@ demo: venv
 
 data: venv
 	$(PY) dataSegmentation.py --config configs/demo.yaml --synthetic --force
+
+bench: venv
+	$(PY) -m tools.benchmark
 
 clean:
 	rm -rf $(VENV) runs datasets/demo

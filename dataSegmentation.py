@@ -1,4 +1,4 @@
-"""Validate a paired dataset folder and write a seeded train/val/test split (method.md §1.3–§1.4).
+"""Validate a paired dataset folder and write a seeded train/val/test split (docs/method.md §1.3–§1.4).
 
 Usage:
     python dataSegmentation.py --config configs/szch.yaml                   # scan, report, split

@@ -15,19 +15,18 @@ Stages, each the real script's ``main`` with ``configs/demo.yaml`` (no shortcut 
                    the teacher too, with 50 LCM steps (GL-LCM's sampler) and 50 DDIM steps (the ODE
                    solution the student is distilled towards), to measure what distillation costs
     6. metrics     the tone-curve baseline (one global lookup table CXR -> soft tissue fitted on the train
-                   split, ``models.tone_curve``), then metrics.py for the student, both teacher runs,
-                   the first-stage ceiling, the tone curve and the identity (prediction = CXR), with the
-                   band-limited BSR; the contrast of the phantoms' nodules before and after
-    7. benchmark   benchmark.py at the demo size
-    8. report      report.py -> <out>/report.html (open it in a browser; no server needed)
+                   split, ``evaluation.tone_curve``), then ``evaluation.score_folder`` (what metrics.py
+                   runs) for the student, both teacher runs, the first-stage ceiling, the tone curve and
+                   the identity (prediction = CXR), with the band-limited BSR; the contrast of the
+                   phantoms' nodules before and after
+    7. benchmark   tools.benchmark at the demo size
+    8. report      tools.report -> <out>/report.html (open it in a browser; no server needed)
 
 Prints the metrics table at the end; ``<out>/demo_summary.json`` holds the figures and the stage times.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import sys
 import time
@@ -36,15 +35,14 @@ from pathlib import Path
 import numpy as np
 
 import dataSegmentation
-import metrics as metrics_script
-import report as report_script
 from data.io import read_image, write_png
 from data.splits import read_list
 from models import load_vqgan
 from models.pipeline import first_stage_ceiling
-from models.tone_curve import fit_from_folders, write_tone_predictions
+from evaluation import fit_from_folders, lpips_scorer, nodule_contrast, score_folder, write_tone_predictions
 from utils.atomic import atomic_write_text
 from utils.config import ConfigError, load_config
+from tools import benchmark, report as html_report
 from utils.scripts import load_script
 
 ROOT = Path(__file__).resolve().parent
@@ -103,25 +101,28 @@ def main(out: str | Path = "runs/demo", overrides: tuple[str, ...] = (), progres
         tone = write_tone_predictions(
             fit_from_folders(root / "CXR", root / "BS", read_list(root / f"{cfg.data.name}_trainset.txt")),
             root / "CXR", read_list(test_list), out / "tone_curve")
-        common = ["--cxr", str(root / "CXR"), "--gt", str(root / "BS"), "--list", str(test_list)]
+        scorer, lpips_reason = lpips_scorer()
         preds = {"model": pred, "model_input_ref": pred_input, "teacher": teacher_preds["lcm"],
                  "teacher_ddim": teacher_preds["ddim"],
                  "ceiling": ceiling, "tone": tone, "identity": root / "CXR"}
+        summaries = {}
         for label, pred_dir in preds.items():
             for mode in ("corrected", "faithful") if label == "model" else ("corrected",):
-                extra = ["--native", "--mask", str(root / "Mask")] if mode == "corrected" else []
-                with contextlib.redirect_stdout(io.StringIO()):
-                    metrics_script.main([*common, "--pred", str(pred_dir), "--mode", mode, *extra,
-                                         "--out", str(mdir / label)])
+                corrected = mode == "corrected"
+                scored = score_folder(root / "CXR", root / "BS", pred_dir, read_list(test_list), mode,
+                                      root / "Mask" if corrected else None, corrected, scorer, lpips_reason,
+                                      list_file=test_list, progress=progress)
+                scored.write(mdir / label)
+                if corrected:
+                    summaries[label] = scored.summary
         nodules = nodule_contrasts(root, read_list(test_list), preds)
     with stage("7 benchmark"):
         bench_json = out / "benchmark.json"
-        load_script("benchmark.py").main("quick" if extra_configs else "demo", max_steps=bench_max_steps,
+        benchmark.main("quick" if extra_configs else "demo", max_steps=bench_max_steps,
                                          out=bench_json)
     labels = ("model", "model_input_ref", "teacher_ddim", "teacher", "ceiling", "tone", "identity")
-    summaries = {label: json.loads((mdir / label / "metrics_corrected_native.json").read_text()) for label in labels}
     with stage("8 report"):
-        html_path = report_script.main(
+        html_path = html_report.main(
             root, pred, test_list, out / "report.html",
             metrics={"model (distilled, 4 steps, global-local)": mdir / "model" / "metrics_corrected_native.json",
                      "same, input as bone-layer reference": mdir / "model_input_ref" / "metrics_corrected_native.json",
@@ -209,7 +210,7 @@ def write_ceiling(vq_ckpt: Path, cfg, root: Path, names: list[str], out_dir: Pat
 
 
 def nodule_contrasts(root: Path, names: list[str], preds: dict[str, Path]) -> dict[str, float | None]:
-    """Mean contrast (``metrics.nodule_contrast``) of the test split's phantom nodules in each image set.
+    """Mean contrast (``evaluation.nodule_contrast``) of the test split's phantom nodules in each image set.
 
     Returns {"target": mean over the nodules in the soft-tissue target, label: mean in that
     prediction folder, ...}: a model should keep the target's value (the lesions stay visible);
@@ -224,7 +225,7 @@ def nodule_contrasts(root: Path, names: list[str], preds: dict[str, Path]) -> di
         return {k: None for k in ("target", *preds)}
     out = {}
     for label, folder in {"target": root / "BS", **preds}.items():
-        out[label] = float(np.nanmean([metrics_script.nodule_contrast(
+        out[label] = float(np.nanmean([nodule_contrast(
             read_image(folder / r["name"]).pixels, float(r["row"]), float(r["col"]), float(r["radius"])) for r in rows]))
     return out
 

@@ -1,4 +1,4 @@
-"""Stage 2: train the conditional latent noise estimator of BS-LDM / GL-LCM (method.md §3), or
+"""Stage 2: train the conditional latent noise estimator of BS-LDM / GL-LCM (docs/method.md §3), or
 distil a trained one into a few-step latent consistency model (``ldm_train.mode: distill``, §4.5).
 
 Usage:

@@ -1,4 +1,4 @@
-"""Stage 1: train the ML-VQGAN with the multi-level hybrid loss (method.md §2).
+"""Stage 1: train the ML-VQGAN with the multi-level hybrid loss (docs/method.md §2).
 
 Usage:
     python vq-gan_train.py --config configs/demo.yaml

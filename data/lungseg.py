@@ -1,6 +1,6 @@
 """Built-in automatic lung segmentation for chest radiographs: classical, deterministic, no weights.
 
-GL-LCM needs a lung mask per image (method.md §1.4). The reference used a pretrained U-Net from the
+GL-LCM needs a lung mask per image (docs/method.md §1.4). The reference used a pretrained U-Net from the
 ``lungs-segmentation`` package, whose weights cannot be had offline; this module replaces it.
 
 Pipeline, at a fixed analysis size of ANALYSIS_SIZE px on the long side (kept aspect):

@@ -1,4 +1,4 @@
-"""Lung masks and the lung-masked image copies of GL-LCM's data preparation (method.md §1.4).
+"""Lung masks and the lung-masked image copies of GL-LCM's data preparation (docs/method.md §1.4).
 
 One binarisation everywhere: a mask pixel is lung when its value is above half scale (> 127 in an
 8-bit file). The reference used > 128 when masking and == 255 when fusing (§7.19); for the 0/255

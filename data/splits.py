@@ -1,4 +1,4 @@
-"""Seeded, reproducible train/val/test splits and their list files (method.md §1.3).
+"""Seeded, reproducible train/val/test splits and their list files (docs/method.md §1.3).
 
 The reference shuffled the sorted file names with an unseeded ``random.shuffle``, so its splits
 cannot be reproduced. Here the same procedure runs with ``random.Random(seed)``: the same names,

@@ -1,4 +1,4 @@
-"""Patch-GAN discriminator of the ML-VQGAN stage (method.md §2.2).
+"""Patch-GAN discriminator of the ML-VQGAN stage (docs/method.md §2.2).
 
 Reproduces MONAI-Generative's ``PatchDiscriminator(spatial_dims=2, in_channels=1, num_layers_d=3,
 num_channels=64)`` with its defaults (kernel 4, padding 1, LeakyReLU 0.2, BatchNorm, no bias in the

@@ -1,5 +1,5 @@
 """Latent Consistency Distillation (LCD): turn a trained ε-prediction teacher into a few-step
-latent consistency model (method.md §4.4-§4.5).
+latent consistency model (docs/method.md §4.4-§4.5).
 
 GL-LCM as published is *not* a consistency model (§4.4): it is the BS-LDM ε-objective sampled with
 the multistep consistency sampler. This module adds the real thing on top of a trained teacher.

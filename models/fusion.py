@@ -1,4 +1,4 @@
-"""Global-local fusion in pixel space: mean matching and mask-guided Poisson blending (method.md §5.3).
+"""Global-local fusion in pixel space: mean matching and mask-guided Poisson blending (docs/method.md §5.3).
 
 All functions work on NumPy arrays: images are float (H, W) in [0, 1], masks (H, W) bool.
 

@@ -1,4 +1,4 @@
-"""GL-LCM global-local dual-path sampling with Local-Enhanced Guidance (method.md §5.1, §5.2).
+"""GL-LCM global-local dual-path sampling with Local-Enhanced Guidance (docs/method.md §5.1, §5.2).
 
 Two latent paths are sampled side by side with the same conditional ε-model:
 
@@ -63,7 +63,7 @@ DualCallback = Callable[[int, int, StepOutput, StepOutput], None]
 def local_enhanced_guidance(eps_local: torch.Tensor, alpha: float, mode: str,
                             eps_ref: torch.Tensor | None = None, generator: Generators = None,
                             std_over: torch.Tensor | None = None) -> torch.Tensor:
-    """Guided local-path noise estimate ε̃_l (method.md §5.2, §7.3).
+    """Guided local-path noise estimate ε̃_l (docs/method.md §5.2, §7.3).
 
     Modes:
 

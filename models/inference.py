@@ -1,4 +1,4 @@
-"""Conditional latent sampling: CXR latent in, soft-tissue latent out (one path, method.md §4).
+"""Conditional latent sampling: CXR latent in, soft-tissue latent out (one path, docs/method.md §4).
 
 The UNet, the noise schedule and the sampler stay separate (style.md C4): :func:`make_denoiser`
 builds the ``denoise_fn`` the samplers call, putting the condition into the network input the way

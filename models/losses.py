@@ -1,4 +1,4 @@
-"""Multi-level hybrid loss of the ML-VQGAN stage (method.md §2.3).
+"""Multi-level hybrid loss of the ML-VQGAN stage (docs/method.md §2.3).
 
 Generator / autoencoder loss, x in [-1, 1] and x_rec = VQGAN(x):
 

@@ -1,4 +1,4 @@
-"""Multi-scale SSIM (Wang, Simoncelli & Bovik 2003) as used by GL-LCM's VQGAN loss (method.md §2.3).
+"""Multi-scale SSIM (Wang, Simoncelli & Bovik 2003) as used by GL-LCM's VQGAN loss (docs/method.md §2.3).
 
 Matches the vendored ``pytorch_msssim.py`` of the reference (jorge-pessoa version, ``normalize="relu"``),
 written from the specification:
@@ -12,7 +12,7 @@ written from the specification:
 Differences from the reference, both deliberate:
 
 * The dynamic range L is fixed at construction (``data_range=2`` for [-1, 1] images). The reference
-  guessed L from the first image on every call (method.md §7.13); ``data_range=None`` reproduces that
+  guessed L from the first image on every call (docs/method.md §7.13); ``data_range=None`` reproduces that
   guess for bit-compatibility.
 * The window is built once and kept as a buffer instead of being rebuilt on every call.
 

@@ -1,4 +1,4 @@
-"""Shared network primitives for the diffusion noise estimator (method.md §3.2).
+"""Shared network primitives for the diffusion noise estimator (docs/method.md §3.2).
 
 Small, stateless helpers in the style of guided-diffusion's ``nn.py``, written from the specification:
 the sinusoidal timestep embedding, zero initialisation, the fp32 GroupNorm and the parameter-free

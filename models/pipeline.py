@@ -1,5 +1,5 @@
 """The whole inference of one batch of radiographs: encode, sample (one or two paths), decode, fuse,
-and bring the result back to each input's native size (method.md §5, issue 7).
+and bring the result back to each input's native size (docs/method.md §5, issue 7).
 
     suppressor = BoneSuppressor(unet, vqgan, schedule, cfg)          # built once
     results = suppressor([pixels, ...], [mask or None, ...], [name, ...])

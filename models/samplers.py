@@ -1,5 +1,5 @@
 """Samplers: ancestral DDPM, DDIM and the multistep (latent) consistency sampler, with temporal
-adaptive thresholding (method.md §4.1-§4.3, §4.5).
+adaptive thresholding (docs/method.md §4.1-§4.3, §4.5).
 
 Design (style.md C4): the network, the schedule and the sampler are separate. Every per-step
 function is pure: it receives the schedule, the noise estimate, the timestep(s), the current latent,

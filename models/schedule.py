@@ -1,5 +1,5 @@
 """Variance-preserving noise schedule, offset noise, condition handling, prediction targets and the
-training loss (method.md §3.3, §3.5).
+training loss (docs/method.md §3.3, §3.5).
 
 ``NoiseSchedule`` owns the betas and ᾱ_t (``alphas_cumprod``) and the closed-form maps between x0,
 ε and x_t. It knows nothing about networks or samplers (style.md C4).
@@ -73,7 +73,7 @@ def randn(shape: tuple[int, ...] | torch.Size, generator: torch.Generator | Sequ
 def offset_noise(shape: tuple[int, ...] | torch.Size, coefficient: float,
                  generator: torch.Generator | None = None, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Offset noise ε_off = ε + c·δ (method.md §3.3).
+    """Offset noise ε_off = ε + c·δ (docs/method.md §3.3).
 
     ε ~ N(0, I) has the full ``shape`` (B, C, H, W); δ ~ N(0, I) has shape (B, C, 1, 1), i.e. one
     constant per sample and channel, which lets the model learn to shift the mean brightness of a

@@ -1,4 +1,4 @@
-"""Conditional latent noise estimator: the guided-diffusion ``UNetModel`` layout (method.md §3.1-3.2).
+"""Conditional latent noise estimator: the guided-diffusion ``UNetModel`` layout (docs/method.md §3.1-3.2).
 
 Written from the specification (not copied). The module knows nothing about betas or samplers
 (style.md C4): it maps a network input and a timestep to an output of the same spatial size.
@@ -195,7 +195,7 @@ class AttentionBlock(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 class UNetModel(nn.Module):
-    """Guided-diffusion UNet (ε-prediction), condition by channel concatenation (method.md §3.2).
+    """Guided-diffusion UNet (ε-prediction), condition by channel concatenation (docs/method.md §3.2).
 
     Encoder: input 3x3 conv, then per level ``num_res_blocks`` ResBlocks (each followed by attention
     where enabled) and, between levels, a down-sampling block. Middle: ResBlock, attention, ResBlock.
@@ -203,7 +203,7 @@ class UNetModel(nn.Module):
     matching encoder activation (attention where enabled), and an up-sampling block after the last one
     of every level but the top. Output: GN, SiLU, zero-initialised 3x3 conv.
 
-    Attention placement (method.md §3.2, §7.8). Level l works at down-sampling factor ds = 2^l and
+    Attention placement (docs/method.md §3.2, §7.8). Level l works at down-sampling factor ds = 2^l and
     spatial size ``image_size / ds``:
 
     * ``attention_as_factor=True`` (reference behaviour, default): attention at the levels whose ds is in

@@ -1,4 +1,4 @@
-"""ML-VQGAN autoencoder: encoder, EMA vector quantiser, decoder (method.md §2.1).
+"""ML-VQGAN autoencoder: encoder, EMA vector quantiser, decoder (docs/method.md §2.1).
 
 The layout reproduces MONAI-Generative's ``VQVAE`` as configured by BS-LDM / GL-LCM, so that the
 parameter counts match the paper's efficiency tables (38,326,533 with K = 256 and 38,329,605 with
@@ -355,7 +355,7 @@ class VQGAN(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Decode a latent (B, D, h, w) -> (B, C_out, h f, w f) **without** re-quantising it.
 
-        The diffusion stage decodes its generated latents this way (method.md §2.1).
+        The diffusion stage decodes its generated latents this way (docs/method.md §2.1).
         """
         return self.decoder(z)
 

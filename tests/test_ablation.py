@@ -1,4 +1,4 @@
-"""ablation.py on a tiny trained model: the plan, the tables, the histogram figure, and that each row
+"""tools.ablation on a tiny trained model: the plan, the tables, the histogram figure, and that each row
 is the run ldm_eval.py + metrics.py would make with the row's overrides."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-import ablation
+from tools import ablation
 from data.io import read_image
 from tests.scripts import load_script, smoke_config, tiny_dataset
 from utils.checkpoint import load_checkpoint

@@ -1,4 +1,4 @@
-"""analysis.py: spectra and bands on known signals, offset-noise composition, and the figures of a tiny model."""
+"""tools.analysis: spectra and bands on known signals, offset-noise composition, and the figures of a tiny model."""
 from __future__ import annotations
 
 import csv
@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-import analysis
+from tools import analysis
 from models.schedule import offset_noise, randn
 from tests.scripts import load_script, smoke_config, tiny_dataset
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -79,7 +79,7 @@ def test_offset_noise_minus_eps_is_a_per_channel_constant():
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """(VQGAN checkpoint, an LDM-kind checkpoint whose config points at it). analysis.py reads only the
+    """(VQGAN checkpoint, an LDM-kind checkpoint whose config points at it). tools.analysis reads only the
     LDM checkpoint's config (data, VQGAN, schedule), so its UNet weights are not needed here."""
     base = tmp_path_factory.mktemp("analysis")
     root = tiny_dataset(base / "ds")

@@ -1,5 +1,5 @@
 """Band-limited scores (metrics.gaussian_blur, highpass, band_bsr, band_energies, nodule_contrast) and
-the tone-curve baseline (models.tone_curve): the checks that tell bone removal from a change of tone."""
+the tone-curve baseline (evaluation.tone_curve): the checks that tell bone removal from a change of tone."""
 from __future__ import annotations
 
 import math
@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-import metrics as M
+import evaluation as M
 from data.io import read_image
 from data.phantom import generate_phantom
-from models.tone_curve import apply_tone_curve, fit_from_folders, fit_tone_curve, write_tone_predictions
+from evaluation.tone_curve import apply_tone_curve, fit_from_folders, fit_tone_curve, write_tone_predictions
 
 
 @pytest.mark.parametrize("sigma", [2.0, 5.0, 12.0])

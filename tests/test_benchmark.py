@@ -1,13 +1,11 @@
-"""benchmark.py in --quick mode: every scenario runs its real code path and reports consistent counts."""
+"""tools.benchmark in --quick mode: every scenario runs its real code path and reports consistent counts."""
 from __future__ import annotations
 
 import json
 
 import torch
 
-from tests.scripts import load_script
-
-benchmark = load_script("benchmark.py")
+from tools import benchmark
 
 
 def test_quick_benchmark(tmp_path, capsys):

@@ -143,8 +143,8 @@ def test_scripts_report_a_damaged_checkpoint_without_traceback(tmp_path):
 
     save_checkpoint(tmp_path / "e.pt", kind="ldm", step=1, epoch=0, config=config_to_dict(Config()), state={},
                     extra={})
-    for script in ("ldm_eval.py", "analysis.py"):
-        res = subprocess.run([sys.executable, script, "--ckpt", str(tmp_path / "e.pt")], cwd=ROOT,
+    for script in (["ldm_eval.py"], ["-m", "tools.analysis"]):
+        res = subprocess.run([sys.executable, *script, "--ckpt", str(tmp_path / "e.pt")], cwd=ROOT,
                              capture_output=True, text=True)
         assert res.returncode == 2 and "damaged checkpoint" in res.stderr and "Traceback" not in res.stderr, \
             (script, res.stderr)

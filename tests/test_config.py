@@ -105,7 +105,7 @@ def test_shipped_configs_load(files):
 
 
 def test_reference_hyper_parameters():
-    """Spot-check the published values (method.md §2–§5) in the shipped configs."""
+    """Spot-check the published values (docs/method.md §2–§5) in the shipped configs."""
     szch = load_config([CONFIGS / "szch.yaml"])
     jsrt = load_config([CONFIGS / "jsrt.yaml"])
     bsldm = load_config([CONFIGS / "szch.yaml", CONFIGS / "bs-ldm.yaml"])

@@ -25,9 +25,9 @@ import numpy as np
 import pytest
 import torch
 
-import metrics
+import evaluation
 from data.phantom import generate_phantom
-from models.tone_curve import apply_tone_curve, fit_tone_curve
+from evaluation.tone_curve import apply_tone_curve, fit_tone_curve
 from utils.scripts import load_script
 
 MIN_VQ_PSNR_DB = 27.0
@@ -53,9 +53,9 @@ def test_baselines_fail_the_check():
     for label, predict in (("tone", lambda p: apply_tone_curve(curve, p.cxr)), ("identity", lambda p: p.cxr)):
         rows = []
         for p in test:
-            values, _, _ = metrics.score_pair(p.cxr, p.bs, predict(p), "corrected", size=None)
+            values, _, _ = evaluation.score_pair(p.cxr, p.bs, predict(p), "corrected", size=None)
             rows.append({"status": "ok", **values})
-        summaries[label] = metrics.summarize(rows, ("bsr_hp32", "bsr_hp64", "psnr", "ssim"))
+        summaries[label] = evaluation.summarize(rows, ("bsr_hp32", "bsr_hp64", "psnr", "ssim"))
     for label in ("tone", "identity"):
         for check in (CHECK_DEFAULT, CHECK_INPUT_REF):
             failed = demo.bone_removal_failures(summaries[label], summaries["tone"], None, None, **check)

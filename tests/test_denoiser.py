@@ -1,4 +1,4 @@
-"""The dual path as a denoiser of the stacked batch over the one sampler loop (method.md §5.1, §5.2):
+"""The dual path as a denoiser of the stacked batch over the one sampler loop (docs/method.md §5.1, §5.2):
 each half of the 2B run is the single-path run with that half's generator(s) and clip ranges, LEG is
 formed inside the denoiser, block generators and per-element clip ranges, and one grid per run."""
 from __future__ import annotations

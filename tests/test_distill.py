@@ -1,4 +1,4 @@
-"""Latent consistency distillation (method.md §4.5): the skipping-step grid, the boundary condition of
+"""Latent consistency distillation (docs/method.md §4.5): the skipping-step grid, the boundary condition of
 the consistency function, the DDIM solver step, the distances, the EMA target, how the loss builds
 its inputs (noise, condition mode, guidance), and convergence on an exactly solvable problem.
 

@@ -1,7 +1,7 @@
 """Documentation consistency: § references resolve to docs/method.md, relative links point to files,
 and nothing outside the tests depends on files outside the repository.
 
-The code cites the method reference as ``method.md §N.M`` or ``§N.M``: ``§N`` must be a heading
+The code cites the method reference as ``docs/method.md §N.M`` or ``§N.M``: ``§N`` must be a heading
 ``## N.`` of docs/method.md and ``§N.M`` a heading ``### N.M`` ("§7 items 21-24" needs 7.21 … 7.24).
 All checks are text scans (no model runs); the last test feeds each checker a planted error to show
 that it can fail.

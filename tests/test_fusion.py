@@ -1,4 +1,4 @@
-"""Global-local fusion (method.md §5.3, §7.17-§7.19): the DST Poisson solver, seamless cloning against
+"""Global-local fusion (docs/method.md §5.3, §7.17-§7.19): the DST Poisson solver, seamless cloning against
 dense transcriptions of OpenCV's algorithm and of Pérez's equations, mean matching, small-component
 removal and the fuse() pipeline identities (local = global, offsets removed, outside pixels kept)."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Global-local dual-path sampling and Local-Enhanced Guidance (method.md §5.1, §5.2): LEG formulas and
+"""Global-local dual-path sampling and Local-Enhanced Guidance (docs/method.md §5.1, §5.2): LEG formulas and
 identities, seeded noise, one batched network call per step (2 or 3 branches), shared x_T, per-path
 clip ranges and generators, agreement with the single-path sampler and with a hand-written loop."""
 from __future__ import annotations

@@ -66,7 +66,7 @@ def test_real_samples(szch_samples):
     for i in (0, 1):
         cxr, bs = read_image(szch_samples / "CXR" / f"{i}.png"), read_image(szch_samples / "BS" / f"{i}.png")
         assert cxr.size == bs.size == (1024, 1024) and cxr.bit_depth == 8
-        # CXR - BS > 0 on most pixels: the soft-tissue image is the darker one (method.md §1.1)
+        # CXR - BS > 0 on most pixels: the soft-tissue image is the darker one (docs/method.md §1.1)
         assert ((cxr.pixels - bs.pixels) > 0).mean() > 0.5
         assert cxr.pixels.min() == 0.0   # pure-black border pixels
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-import metrics as M
+import evaluation as M
+import metrics
 from data.io import read_image
 
 
@@ -266,7 +267,7 @@ def test_cli_reports_missing_mismatched_unreadable(tmp_path, no_lpips_weights, c
     d = _synthetic_folders(tmp_path)
     (tmp_path / "test.txt").write_text("a\nb\nc\n\nd  # comment\n")
     out = tmp_path / "eval"
-    rc = M.main(["--cxr", str(d["CXR"]), "--gt", str(d["BS"]), "--pred", str(d["pred"]),
+    rc = metrics.main(["--cxr", str(d["CXR"]), "--gt", str(d["BS"]), "--pred", str(d["pred"]),
                  "--list", str(tmp_path / "test.txt"), "--out", str(out)])
     assert rc == 1
     err = capsys.readouterr().err
@@ -290,11 +291,11 @@ def test_cli_reports_missing_mismatched_unreadable(tmp_path, no_lpips_weights, c
 def test_cli_table_and_require_lpips(tmp_path, no_lpips_weights, capsys):
     d = _synthetic_folders(tmp_path)
     args = ["--cxr", str(d["CXR"]), "--gt", str(d["BS"]), "--pred", str(d["BS"]), "--out", str(tmp_path / "o")]
-    assert M.main(args + ["--require-lpips"]) == 2
+    assert metrics.main(args + ["--require-lpips"]) == 2
     assert not (tmp_path / "o").exists()  # nothing computed, nothing written
     assert "LPIPS required but unavailable" in capsys.readouterr().err
     # Prediction = target: every pair identical, PSNR inf everywhere.
-    assert M.main(args + ["--mode", "corrected"]) == 0
+    assert metrics.main(args + ["--mode", "corrected"]) == 0
     out = capsys.readouterr().out
     assert "| BSR, symmetric (%) ↑ | 100.000 ± 0.000 |" in out
     assert "| PSNR (dB) ↑ | n/a |" in out and "| LPIPS ↓ | unavailable" in out
@@ -302,7 +303,7 @@ def test_cli_table_and_require_lpips(tmp_path, no_lpips_weights, capsys):
     summary = json.loads((tmp_path / "o" / "metrics_corrected.json").read_text())
     assert summary["metrics"]["psnr"]["n_inf"] == 4
     with pytest.raises(SystemExit):
-        M.main(args + ["--native"])  # a corrected-mode option
+        metrics.main(args + ["--native"])  # a corrected-mode option
 
 
 def test_evaluate_batches_lpips_across_native_sizes(tmp_path, random_lpips):
@@ -350,7 +351,7 @@ def test_real_pairs_cli_identity_with_random_lpips(szch_samples, tmp_path, rando
     assert s["mean"] == pytest.approx((0.8201 + 0.6613) / 2, abs=1e-3)
     assert s["std"] == pytest.approx((0.8201 - 0.6613) / 2, abs=1e-3)  # population std of two values
     # The CLI on the same folders (LPIPS weights absent here or not, the other metrics are the same).
-    rc = M.main(["--cxr", str(cxr_dir), "--gt", str(gt_dir), "--pred", str(cxr_dir),
+    rc = metrics.main(["--cxr", str(cxr_dir), "--gt", str(gt_dir), "--pred", str(cxr_dir),
                  "--out", str(tmp_path)])
     assert rc == 0
     assert "| BSR, published (%) ↑ | 74.070 ± 7.937 |" in capsys.readouterr().out
@@ -360,6 +361,6 @@ def test_unwritable_output_is_refused_before_scoring(pair_folder, tmp_path, caps
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     with pytest.raises(SystemExit) as exc:
-        M.main(["--cxr", str(pair_folder / "CXR"), "--gt", str(pair_folder / "BS"), "--pred", str(pair_folder / "BS"),
+        metrics.main(["--cxr", str(pair_folder / "CXR"), "--gt", str(pair_folder / "BS"), "--pred", str(pair_folder / "BS"),
                 "--out", str(blocker / "out")])
     assert exc.value.code == 2 and "cannot write output here" in capsys.readouterr().err

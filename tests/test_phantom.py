@@ -180,12 +180,12 @@ def bone_band_shares_real_and_phantom(szch: Path, n_phantoms: int = 16, size: in
     area-resized to the demo's native size, and ``n_phantoms`` demo phantoms of that size."""
     from skimage.transform import resize
 
-    import metrics
+    import evaluation
 
     real = [resize(read_image(f).pixels.astype(np.float64) - read_image(szch / "BS" / f.name).pixels, (size, size),
                    anti_aliasing=True) for f in sorted((szch / "CXR").iterdir())]
     phantom = [generate_phantom(case_seed(0, i), size).bone for i in range(n_phantoms)]
-    return metrics.mean_band_energies(real), metrics.mean_band_energies(phantom)
+    return evaluation.mean_band_energies(real), evaluation.mean_band_energies(phantom)
 
 
 def test_bone_image_spectrum_matches_real_pairs(szch_samples):

@@ -1,4 +1,4 @@
-"""reader_study.py: blinded export, sheet validation, and the aggregation arithmetic on hand-made sheets."""
+"""tools.reader_study: blinded export, sheet validation, and the aggregation arithmetic on hand-made sheets."""
 from __future__ import annotations
 
 import csv
@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-import reader_study as rs
+from tools import reader_study as rs
 from data.io import read_image
 from tests.conftest import write_gray
 

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-import metrics as M
+import evaluation as M
 from data.crops import write_crops
 from data.io import read_image
 from data.splits import write_split
-from models.tone_curve import apply_tone_curve, fit_from_folders
+from evaluation.tone_curve import apply_tone_curve, fit_from_folders
 from utils.config import load_config
 from utils.scripts import load_script
 

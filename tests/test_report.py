@@ -1,4 +1,4 @@
-"""report.py: the HTML report's content, and (with Debian's chromium installed) that it loads in a
+"""tools.report: the HTML report's content, and (with Debian's chromium installed) that it loads in a
 headless browser with no JavaScript or console errors and that its sliders move."""
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import subprocess
 
 import pytest
 
-import metrics as metrics_script
-import report
+from data.splits import read_list
+from evaluation import score_folder
+from tools import report
 from data.io import read_image, write_png
 from tests.scripts import tiny_dataset
 
@@ -25,11 +26,9 @@ def built(tmp_path_factory):
     names = (root / "demo_testset.txt").read_text().split()
     for n in names:   # a stand-in prediction: halfway between the CXR and the target
         write_png(pred / n, 0.5 * (read_image(root / "CXR" / n).pixels + read_image(root / "BS" / n).pixels))
-    common = ["--cxr", str(root / "CXR"), "--gt", str(root / "BS"), "--list", str(root / "demo_testset.txt"),
-              "--mode", "corrected", "--native"]
-    with contextlib.redirect_stdout(io.StringIO()):
-        metrics_script.main([*common, "--pred", str(pred), "--out", str(base / "m")])
-        metrics_script.main([*common, "--pred", str(root / "CXR"), "--out", str(base / "i")])
+    names = read_list(root / "demo_testset.txt")
+    for label, folder in (("m", pred), ("i", root / "CXR")):
+        score_folder(root / "CXR", root / "BS", folder, names, "corrected", native=True, progress=False).write(base / label)
     bench = [{"scenario": "ours", "sampler": "lcm", "steps": 4, "steps_timed": 4, "extrapolated": False,
               "unet_calls": 4, "seconds": {"encode": 0.1, "sample": 0.2, "decode": 0.1, "fusion": 0.05,
                                            "total": 0.45}, "peak_memory_bytes": 2**30, "device": "cpu", "image": 32}]

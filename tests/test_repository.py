@@ -1,10 +1,12 @@
 """The repository's own papers: a licence that permits reuse, and a citation file for both papers;
-and its layering: utils/ is the bottom layer."""
+its layering (each package imports only the floors below it) and its root."""
 from __future__ import annotations
 
 import ast
 
 import yaml
+
+from pathlib import Path
 
 from tests.conftest import ROOT
 
@@ -17,14 +19,36 @@ def test_licence_and_citation():
     assert ids == {"arXiv:2412.15670", "arXiv:2508.03357"}          # BS-LDM and GL-LCM
 
 
-def test_utils_import_nothing_from_data_or_models():
-    """utils/ serves data/, models/ and the scripts; an import the other way round would make a cycle."""
-    for f in sorted((ROOT / "utils").glob("*.py")):
-        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                names = [node.module or ""]
-            else:
-                continue
-            assert not [n for n in names if n.split(".")[0] in ("data", "models")], f"{f.name}:{node.lineno}: {names}"
+# Each package may import only the packages of the floors below it (README "Layout"); an import
+# upwards would make a cycle or tie a library to a script.
+FLOORS = {"utils": set(), "data": {"utils"}, "models": {"utils", "data"}, "evaluation": {"utils", "data"},
+          "tools": {"utils", "data", "models", "evaluation", "tools", "*scripts"}}
+ROOT_SCRIPTS = {"dataSegmentation.py", "vq-gan_train.py", "vq-gan_eval.py", "ldm_train.py", "ldm_eval.py",
+                "metrics.py", "demo.py", "convert_reference.py"}
+
+
+def imported_tops(path) -> list[tuple[int, str]]:
+    """(line, top-level module name) of every import in a file, at any depth."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name.split(".")[0]) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            out.append((node.lineno, (node.module or "").split(".")[0]))
+    return out
+
+
+def test_each_floor_imports_only_the_floors_below():
+    ours = set(FLOORS) | {Path(s).stem for s in ROOT_SCRIPTS}
+    for pkg, allowed in FLOORS.items():
+        for f in sorted((ROOT / pkg).glob("*.py")):
+            for line, top in imported_tops(f):
+                if top in ours and top != pkg:
+                    ok = top in allowed or ("*scripts" in allowed and top + ".py" in ROOT_SCRIPTS)
+                    assert ok, f"{pkg}/{f.name}:{line} imports {top}, above its floor"
+
+
+def test_root_holds_the_pipeline_scripts_only():
+    """The design card's six scripts, the front door and the converter; research kits live in tools/."""
+    assert {f.name for f in ROOT.glob("*.py")} == ROOT_SCRIPTS
+    assert not list((ROOT / "docs").glob("*.py"))

@@ -1,4 +1,4 @@
-"""Samplers: timestep grids, TAT clip ranges, consistency scalings (golden values of method.md §4, §8),
+"""Samplers: timestep grids, TAT clip ranges, consistency scalings (golden values of docs/method.md §4, §8),
 x0 recovery with an oracle denoiser, seeded determinism, per-step clipping, step identities and
 seeded golden sums with a fixed linear "denoiser"."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Noise schedules (golden values of method.md §3.3, §3.5, §8), forward/inverse maps, offset noise,
+"""Noise schedules (golden values of docs/method.md §3.3, §3.5, §8), forward/inverse maps, offset noise,
 the three condition modes, the ε- and v-prediction training loss and the v -> ε adapter."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from models.unet import UNetModel
 from utils.config import DiffusionConfig
 
 TABLE_T = [999, 949, 899, 799, 699, 499, 299, 99, 19]
-# √ᾱ_t of method.md §3.5 (3 decimals; the cosine value at 999 is 4.9e-5 in §3.3).
+# √ᾱ_t of docs/method.md §3.5 (3 decimals; the cosine value at 999 is 4.9e-5 in §3.3).
 SQRT_ALPHA_BAR = {
     "scaled_linear": [0.068, 0.091, 0.120, 0.193, 0.288, 0.527, 0.770, 0.946, 0.991],
     "cosine": [0.00005, 0.078, 0.155, 0.307, 0.451, 0.703, 0.887, 0.986, 0.999],

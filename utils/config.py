@@ -11,7 +11,7 @@ error names the file (or the ``--set`` item) and the dotted key. The resolved co
 each run folder (``save_config``) and stored as a plain dict in every checkpoint
 (``config_to_dict`` / ``config_from_dict``).
 
-The defaults are GL-LCM's published values on SZCH-X-Rays (method.md §2–§5); the YAML files in
+The defaults are GL-LCM's published values on SZCH-X-Rays (docs/method.md §2–§5); the YAML files in
 ``configs/`` nevertheless list every hyper-parameter explicitly so that a run is readable on its own.
 """
 from __future__ import annotations
@@ -226,7 +226,7 @@ class OutputConfig:
 
 @dataclass
 class InferenceConfig:
-    """Arithmetic, layout and first-stage work at inference (ldm_eval.py, benchmark.py; models/precision.py)."""
+    """Arithmetic, layout and first-stage work at inference (ldm_eval.py, tools.benchmark; models/precision.py)."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"   # auto: bf16 on CUDA and on CPUs measured faster
     channels_last: bool = True
     compile: bool = False             # torch.compile the UNet (slow first call)

@@ -1,5 +1,5 @@
 #!/bin/sh
-# Equivalent command lines of every ablation run (written by ablation.py).
+# Equivalent command lines of every ablation run (written by python -m tools.ablation).
 set -e
 python ldm_eval.py --ckpt runs/demo/ldm/001-distill/checkpoints/best.pt --split test --out runs/demo/ablation/001-distill/lcm4-tat-gl-none-poisson-087cce44/pred --batch-size 4 --set sampler.clip=true
 python metrics.py --cxr datasets/demo/CXR --gt datasets/demo/BS --pred runs/demo/ablation/001-distill/lcm4-tat-gl-none-poisson-087cce44/pred --list datasets/demo/demo_testset.txt --mode faithful --out runs/demo/ablation/001-distill/lcm4-tat-gl-none-poisson-087cce44/metrics

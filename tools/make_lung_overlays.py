@@ -6,14 +6,12 @@ automatic mask is outlined in red; on the phantoms the ground-truth lungs are da
 title gives the Dice score. Titles give the lung area as a fraction of the image.
 
 Usage (from the repository root):
-    .venv/bin/python docs/make_lung_overlays.py
-    .venv/bin/python docs/make_lung_overlays.py --seeds 0 3 --size 256 --out docs/lung_masks.png
-    .venv/bin/python docs/make_lung_overlays.py --real /path/to/szch-samples
+    python -m tools.make_lung_overlays --real /path/to/szch-samples
+    python -m tools.make_lung_overlays --seeds 0 3 --size 256 --out docs/lung_masks.png
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -23,8 +21,8 @@ PANEL_PX = 512  # display size of the long side of each panel
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--real", type=Path, default=REPO.parent / "shared" / "data" / "szch-samples",
-                   help="folder with a CXR/ sub-folder of real radiographs")
+    p.add_argument("--real", type=Path, default=None,
+                   help="folder (outside this repository) with a CXR/ sub-folder of real radiographs")
     p.add_argument("--names", nargs="+", default=["0.png", "1.png"], help="files in CXR/")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 3, 20],
                    help="phantom seeds (20 is the worst of seeds 0-49)")
@@ -43,7 +41,7 @@ def load_cases(args) -> list[tuple]:
     from data.phantom import generate_phantom
 
     cases = []
-    for name in args.names:
+    for name in args.names if args.real is not None else []:
         path = args.real / "CXR" / name
         if path.exists():
             cases.append((f"SZCH CXR/{name}", read_image(path).pixels, None))
@@ -66,11 +64,9 @@ def load_cases(args) -> list[tuple]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if str(REPO) not in sys.path:  # run as a plain script from anywhere
-        sys.path.insert(0, str(REPO))
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from utils.logging import pyplot, save_figure
+
+    plt = pyplot()
     from skimage.exposure import equalize_hist
     from skimage.transform import resize
 
@@ -109,9 +105,7 @@ def main(argv=None) -> None:
                  "dashed green = phantom ground truth; images histogram-equalised for display",
                  fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, dpi=args.dpi)
-    plt.close(fig)
+    save_figure(fig, args.out, dpi=args.dpi)
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB)")
 
 

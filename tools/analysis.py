@@ -1,8 +1,8 @@
 """Frequency analysis of soft-tissue images, their VQ latents and the diffusion noise: why offset noise.
 
 Usage:
-    python analysis.py --ckpt runs/demo/ldm/000-demo/checkpoints/best.pt --out docs/analysis
-    python analysis.py --ckpt runs/vqgan/000-szch/checkpoints/best.pt --split test --n 16 --components 64 \
+    python -m tools.analysis --ckpt runs/demo/ldm/000-demo/checkpoints/best.pt --out docs/analysis
+    python -m tools.analysis --ckpt runs/vqgan/000-szch/checkpoints/best.pt --split test --n 16 --components 64 \
         --out runs/analysis --set data.root=/data/SZCH-X-Rays --set diffusion.beta_schedule=cosine
 
 ``--ckpt`` is a stage-2 (diffusion or distilled) checkpoint, whose VQGAN and noise schedule are used,
@@ -24,7 +24,7 @@ Gaussian noise of the latents' shape. Outputs in ``--out``:
 ``band_snr.png``
     Signal-to-noise ratio of the low band, the high band and the per-channel mean (DC) against t,
     with plain and with offset noise: offset noise lowers the SNR of the mean, so the model has to
-    learn to set the mean brightness instead of copying it from x_t (method.md §3.3).
+    learn to set the mean brightness instead of copying it from x_t (docs/method.md §3.3).
 ``offset_noise.png``
     How offset noise is composed: per-pixel ε, the per-channel constant c·δ, their sum ε + c·δ, and
     the spread of the per-channel means of both (variance 1/(h·w) vs 1/(h·w) + c²).
@@ -38,6 +38,7 @@ import csv
 import io
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -166,8 +167,8 @@ def load_analysis_models(ckpt: str | Path, overrides: list[str] = ()):
     vq_path = ckpt if kind == "vqgan" else resolve_first_stage(ckpt, cfg.ldm_train.vqgan_ckpt)
     vqgan, vq_cfg = load_vqgan(vq_path, resolve_device(cfg.run.device))
     # The latents are the VQGAN's: encode at the size and intensity convention it was trained with.
-    cfg.data.image_size, cfg.data.invert = (cfg.data.image_size, cfg.data.invert) if kind == "ldm" else \
-        (vq_cfg.data.image_size, vq_cfg.data.invert)
+    if kind == "vqgan":
+        cfg = replace(cfg, data=replace(cfg.data, image_size=vq_cfg.data.image_size, invert=vq_cfg.data.invert))
     return vqgan, cfg, kind
 
 

@@ -6,13 +6,12 @@ everything coarser than a Gaussian of sigma = W/4, "fine" everything finer than 
 are area-resized to the phantoms' size first, so both are compared at the demo's native 256².
 
 Usage (from the repository root; DIR holds CXR/ and BS/ of registered real pairs):
-    .venv/bin/python docs/make_bone_spectrum_figure.py --real DIR
-    .venv/bin/python docs/make_bone_spectrum_figure.py --real DIR --phantoms 32 --size 256 --out docs/bone_spectrum.png
+    python -m tools.make_bone_spectrum_figure --real DIR
+    python -m tools.make_bone_spectrum_figure --real DIR --phantoms 32 --size 256 --out docs/bone_spectrum.png
 """
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,21 +24,19 @@ def main(argv=None) -> None:
     p.add_argument("--size", type=int, default=256, help="phantom size = size the real pairs are resized to")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "bone_spectrum.png")
     args = p.parse_args(argv)
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
     import numpy as np
     from skimage.transform import resize
 
-    import metrics
-    from data.io import read_image
+    from data.io import list_images, read_image
+    from evaluation import mean_band_energies
     from data.phantom import case_seed, generate_phantom
     from utils.logging import pyplot, save_figure
 
-    files = sorted((args.real / "CXR").iterdir())
+    files = list_images(args.real / "CXR", must_exist=True)
     real = [resize(read_image(f).pixels.astype(np.float64) - read_image(args.real / "BS" / f.name).pixels,
                    (args.size, args.size), anti_aliasing=True) for f in files]
     phantom = [generate_phantom(case_seed(0, i), args.size).bone for i in range(args.phantoms)]
-    r, q = metrics.mean_band_energies(real), metrics.mean_band_energies(phantom)
+    r, q = mean_band_energies(real), mean_band_energies(phantom)
     bands = list(r)
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.4), dpi=100)

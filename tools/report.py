@@ -1,7 +1,7 @@
 """A static HTML report of a bone-suppression run that opens from disk with no server.
 
 Usage:
-    python report.py --root datasets/demo --pred runs/demo/ldm/001-distill/eval/test \
+    python -m tools.report --root datasets/demo --pred runs/demo/ldm/001-distill/eval/test \
         --list datasets/demo/demo_testset.txt --out runs/demo/report.html \
         [--metrics runs/demo/metrics] [--benchmark runs/demo/benchmark.json] [--curves RUN ...]
 

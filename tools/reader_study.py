@@ -1,12 +1,12 @@
-"""Clinical-evaluation kit (the BS-LDM reader study, method.md §6.3): blinded export and aggregation.
+"""Clinical-evaluation kit (the BS-LDM reader study, docs/method.md §6.3): blinded export and aggregation.
 
 Usage:
     # 1. export a blinded, randomised set of image pairs with a scoring sheet per reader
-    python reader_study.py export --source cxr=datasets/demo/CXR \
+    python -m tools.reader_study export --source cxr=datasets/demo/CXR \
         --source soft_tissue=runs/demo/ldm/001-distill/eval/test --list datasets/demo/demo_testset.txt \
         --readers junior senior --seed 0 --out study/
     # 2. the readers fill study/sheets/<reader>.csv; then unblind and tabulate
-    python reader_study.py aggregate --key study.key.json --sheets study/sheets/*.csv \
+    python -m tools.reader_study aggregate --key study.key.json --sheets study/sheets/*.csv \
         --reference datasets/demo/nodules.csv --out study_results/
 
 ``export`` takes two image folders (``--source LABEL=DIR``, twice: the original and the soft tissue,
@@ -29,7 +29,7 @@ yes/no (also y/n, 1/0, true/false; blank = not answered); location and notes are
 separated; UTF-8 with or without BOM) and the key, unblinds every row, and writes into ``--out``:
 
 * ``quality.md`` / ``.csv``: per source, the mean score of each criterion per reader and the mean
-  over readers (mean of the reader means), as in method.md §6.3;
+  over readers (mean of the reader means), as in docs/method.md §6.3;
 * with ``--reference``: ``detection.md`` / ``.csv``, image-level precision / recall / F1 of
   ``lesion_present`` per reader and source (and their mean over readers). The reference is a CSV
   keyed by image name (or case ID) with a yes/no ``lesion`` column, or a list of lesions such as the
@@ -54,7 +54,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.io import ImageError, is_image_file, read_image, write_png
+from data.io import ImageError, is_image_file, list_images, read_image, write_png
 from data.splits import read_list
 from utils.atomic import atomic_write_text, json_nulls
 
@@ -172,7 +172,7 @@ def export(sources: list[str], out_dir: str | Path, key_path: str | Path | None 
         # An earlier export's images and sheets would otherwise linger beside the new case IDs.
         for old in [*out.glob("images/C*_[LR].png"), *out.glob("sheets/*.csv"), out / "sheet.csv"]:
             old.unlink(missing_ok=True)
-    names = read_list(list_file) if list_file else [p.name for p in sorted(da.iterdir()) if is_image_file(p)]
+    names = read_list(list_file) if list_file else [p.name for p in list_images(da)]
     if not names:
         raise ValueError("no cases: the list (or the first source folder) is empty")
     paths = {}

@@ -1,11 +1,11 @@
 """Ablation runner: the published ablations of a trained model, each row a real ldm_eval.py + metrics.py run.
 
 Usage:
-    python ablation.py --ckpt runs/demo/ldm/001-distill/checkpoints/best.pt --out docs/ablation --work runs/demo/ablation
-    python ablation.py --ckpt offset=runs/ldm/000-szch/checkpoints/best.pt \
+    python -m tools.ablation --ckpt runs/demo/ldm/001-distill/checkpoints/best.pt --out docs/ablation --work runs/demo/ablation
+    python -m tools.ablation --ckpt offset=runs/ldm/000-szch/checkpoints/best.pt \
         --ckpt no-offset=runs/ldm/001-szch-nooffset/checkpoints/best.pt --tables offset_tat --out runs/ablation
-    python ablation.py --ckpt CKPT --tables sampler --samplers lcm ddim ddpm --steps 1 2 4 8 50 --limit 20 --out DIR
-    python ablation.py --ckpt CKPT --out DIR --dry-run          # print the plan and the commands, run nothing
+    python -m tools.ablation --ckpt CKPT --tables sampler --samplers lcm ddim ddpm --steps 1 2 4 8 50 --limit 20 --out DIR
+    python -m tools.ablation --ckpt CKPT --out DIR --dry-run          # print the plan and the commands, run nothing
 
 Tables (``--tables``, default all), in the format of the papers (mean ± population std per metric):
 
@@ -15,7 +15,7 @@ Tables (``--tables``, default all), in the format of the papers (mean ± populat
                 (``diffusion.offset_noise``): give one ``--ckpt label=path`` per model, e.g. one trained
                 with ``--set diffusion.offset_noise=0``. With a single checkpoint the table has the two
                 TAT rows of that model only.
-``guidance``    GL-LCM's guidance ablation (method.md §5.2): ``global_local.leg_mode`` none (vanilla),
+``guidance``    GL-LCM's guidance ablation (docs/method.md §5.2): ``global_local.leg_mode`` none (vanilla),
                 noise (CFG-style with a noise reference, the released code), global_pred and
                 global_cond (LEG against the global prediction / the global condition).
 ``fusion``      GL-LCM's fusion ablation (§5.3): ``global_local.fusion`` none (the global path),
@@ -29,7 +29,7 @@ tone change cannot raise.
 
 The inference-time tables use the first checkpoint. Every row is ``ldm_eval.main`` with the row's
 ``--set`` overrides on top of the checkpoint's config and the common ``--set`` items, then
-``metrics.main`` on its outputs, once per ``--metrics`` mode (faithful: the published metrics at
+``evaluation.score_folder`` (what metrics.py runs) on its outputs, once per ``--metrics`` mode (faithful: the published metrics at
 1024²; corrected: at native resolution unless ``--no-native``). Rows with the same effective
 settings share one run; finished outputs are reused, so an interrupted ablation resumes
 (``--overwrite`` redoes them). ``--limit N`` scores the first N images of the split only.
@@ -43,7 +43,6 @@ Outputs in ``--out``: ``ablation.md`` (every table), ``tables/<table>.md`` and `
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -65,6 +64,7 @@ from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.config import ConfigError
 from utils.logging import pyplot, save_figure
 from utils.scripts import load_script
+from evaluation import LABELS, fit_from_folders, lpips_scorer, score_folder, write_tone_predictions
 
 TABLES = ("offset_tat", "guidance", "fusion", "sampler")
 TITLES = {"offset_tat": "Offset noise and temporal adaptive thresholding (BS-LDM)",
@@ -236,7 +236,7 @@ def metrics_argv(run: Run, mode: str, native: bool, lung: bool) -> list[str]:
 
 def commands(runs: list[Run], modes, native: bool, lung: bool, batch_size: int, masks_dir: str | None) -> str:
     """The shell commands equivalent to the runs (what ``commands.sh`` holds)."""
-    lines = ["#!/bin/sh", "# Equivalent command lines of every ablation run (written by ablation.py).", "set -e"]
+    lines = ["#!/bin/sh", "# Equivalent command lines of every ablation run (written by python -m tools.ablation).", "set -e"]
     for r in runs:
         ev = ["python", "ldm_eval.py", "--ckpt", r.ckpt, "--split", r.split, "--out", str(r.folder / "pred"),
               "--batch-size", str(batch_size), *(["--masks", masks_dir] if masks_dir else []),
@@ -250,13 +250,28 @@ def commands(runs: list[Run], modes, native: bool, lung: bool, batch_size: int, 
 # Run
 # --------------------------------------------------------------------------------------------------
 
-def execute(run: Run, modes, native: bool, lung: bool, batch_size: int, overwrite: bool,
-            masks_dir: str | None, progress: bool) -> dict:
-    """ldm_eval.main, then metrics.main per mode; returns the run record (also ``<run>/run.json``):
-    {"sets", "folder", "eval_failures", "seconds_per_image", "eval_seconds", "metrics": {mode: report},
-    "status": {mode: metrics.py exit status}}."""
-    import metrics as metrics_script
+def score_run(run: Run, pred: Path, mode: str, native: bool, lung: bool, lpips: tuple) -> tuple[int, dict]:
+    """Score one prediction folder in one mode (``evaluation.score_folder``, as ``metrics.py`` would)
+    into ``<run>/metrics``, with a log of the table and the failed images; returns (status, summary):
+    status 0 when every listed image was scored, else 1 (``metrics.py``'s exit status)."""
+    corrected = mode == "corrected"
+    problems: list[str] = []
+    report = score_folder(run.root / CXR, run.root / BS, pred, read_list(run.list_file), mode,
+                          run.root / MASK if corrected and lung else None, corrected and native, *lpips,
+                          list_file=run.list_file, on_problem=lambda n, why: problems.append(f"{n}: {why}"),
+                          progress=False)
+    report.write(run.folder / "metrics")
+    atomic_write_text(run.folder / "metrics" / f"metrics_{report.tag}.log",
+                      "".join(f"{p}\n" for p in problems) + report.markdown() + "\n")
+    return int(bool(report.failures)), report.summary
 
+
+def execute(run: Run, modes, native: bool, lung: bool, batch_size: int, overwrite: bool,
+            masks_dir: str | None, progress: bool, lpips: tuple = (None, "not requested")) -> dict:
+    """ldm_eval.main, then :func:`score_run` per mode; returns the run record (also ``<run>/run.json``):
+    {"sets", "folder", "eval_failures", "seconds_per_image", "eval_seconds", "metrics": {mode: report},
+    "status": {mode: 0 all scored / 1 some failed}}. ``lpips``: (scorer, reason) of
+    ``evaluation.lpips_scorer``."""
     ldm_eval = load_script("ldm_eval.py")
     t0 = time.perf_counter()
     summary = ldm_eval.main(run.cfg, run.ckpt, split=run.split, out_dir=run.folder / "pred", batch_size=batch_size,
@@ -268,26 +283,17 @@ def execute(run: Run, modes, native: bool, lung: bool, batch_size: int, overwrit
     result = {"sets": list(run.sets), "folder": str(run.folder), "eval_failures": summary["failures"],
               "seconds_per_image": per_image, "eval_seconds": time.perf_counter() - t0, "metrics": {}, "status": {}}
     for mode in modes:
-        log = io.StringIO()
-        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            status = metrics_script.main(metrics_argv(run, mode, native, lung))
-        tag = mode + ("_native" if mode == "corrected" and native else "")
-        atomic_write_text(run.folder / "metrics" / f"metrics_{tag}.log", log.getvalue())
-        result["status"][mode] = status
-        report = run.folder / "metrics" / f"metrics_{tag}.json"
-        result["metrics"][mode] = json.loads(report.read_text()) if report.is_file() else None
+        result["status"][mode], result["metrics"][mode] = score_run(run, run.folder / "pred", mode, native, lung, lpips)
     atomic_write_text(run.folder / "run.json", json.dumps(result, indent=2, allow_nan=False) + "\n")
     return result
 
 
-def score_baselines(run0: Run, train_names: list[str], work: Path, modes, native: bool, lung: bool) -> list[Run]:
+def score_baselines(run0: Run, train_names: list[str], work: Path, modes, native: bool, lung: bool,
+                    lpips: tuple = (None, "not requested")) -> list[Run]:
     """The two rows every table ends with, scored on the same images as the model's rows:
     the tone curve (one global lookup table CXR -> soft tissue fitted on the train split, see
-    ``models.tone_curve``) and the identity (prediction = CXR). A row that does not beat the
+    ``evaluation.tone_curve``) and the identity (prediction = CXR). A row that does not beat the
     tone curve, above all on the high-pass BSR, has not removed bones."""
-    import metrics as metrics_script
-    from models.tone_curve import fit_from_folders, write_tone_predictions
-
     names = read_list(run0.list_file)
     curve = fit_from_folders(run0.root / CXR, run0.root / BS, train_names)
     tone = write_tone_predictions(curve, run0.root / CXR, names, work / "baselines" / "tone-curve" / "pred")
@@ -296,12 +302,7 @@ def score_baselines(run0: Run, train_names: list[str], work: Path, modes, native
         run = Run(key, key, "", (), run0.cfg, work / "baselines" / key, run0.list_file, run0.root, run0.split,
                   {"metrics": {}, "status": {}})
         for mode in modes:
-            argv = metrics_argv(run, mode, native, lung)
-            argv[argv.index("--pred") + 1] = str(pred)
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                run.result["status"][mode] = metrics_script.main(argv)
-            tag = mode + ("_native" if mode == "corrected" and native else "")
-            run.result["metrics"][mode] = json.loads((run.folder / "metrics" / f"metrics_{tag}.json").read_text())
+            run.result["status"][mode], run.result["metrics"][mode] = score_run(run, pred, mode, native, lung, lpips)
         runs.append(run)
     return runs
 
@@ -326,16 +327,14 @@ def _cell(stat: dict | None, scale: float) -> str:
 
 def table_markdown(rows: list[Row], mode: str) -> str:
     """One table in the papers' format: leading cells, then mean ± std per metric, the best in bold."""
-    import metrics as metrics_script
-
     reports = [r.run.result["metrics"].get(mode) if r.run else None for r in rows]
-    columns = [c for c in metrics_script.LABELS if any(rep and c in rep["metrics"] for rep in reports)]
+    columns = [c for c in LABELS if any(rep and c in rep["metrics"] for rep in reports)]
     lead = list(rows[0].cells)
     timing = rows[0].table == "sampler"
-    header = lead + [metrics_script.LABELS[c][0] for c in columns] + ["n"] + (["s / image"] if timing else [])
+    header = lead + [LABELS[c][0] for c in columns] + ["n"] + (["s / image"] if timing else [])
     best = {}
     for c in columns:
-        label, _ = metrics_script.LABELS[c]
+        label, _ = LABELS[c]
         vals = [rep["metrics"][c]["mean"] if rep and c in rep["metrics"] else None for rep in reports]
         ok = [v for v in vals if v is not None]
         if len(ok) > 1 and ("↑" in label or "↓" in label):
@@ -345,7 +344,7 @@ def table_markdown(rows: list[Row], mode: str) -> str:
         cells = [row.cells[k] for k in lead]
         for c in columns:
             stat = rep["metrics"].get(c) if rep else None
-            text = _cell(stat, metrics_script.LABELS[c][1])
+            text = _cell(stat, LABELS[c][1])
             cells.append(f"**{text}**" if stat and c in best and stat["mean"] == best[c] else text)
         cells.append(str(rep["n_scored"]) if rep else "0")
         if timing:
@@ -445,11 +444,12 @@ def main(ckpts: list[str] | dict[str, str], out_dir: str | Path, split: str = "t
         print(f"commands: {out / 'commands.sh'}")
         return {"tables": {}, "runs": {r.key: str(r.folder) for r in runs}, "failures": []}
     failures = []
+    lpips = lpips_scorer()   # built once for every run and baseline
     for i, run in enumerate(runs, 1):
         t0 = time.perf_counter()
         print(f"[{i}/{len(runs)}] {run.model}: {run.folder.name}", flush=True)
         try:
-            run.result = execute(run, modes, native, lung, batch_size, overwrite, masks_dir, progress)
+            run.result = execute(run, modes, native, lung, batch_size, overwrite, masks_dir, progress, lpips)
         except (ImageError, ValueError, FileNotFoundError) as e:   # one bad run does not lose the others
             run.result = {"metrics": {}, "error": str(e)}
             print(f"ablation.py: {run.folder.name}: {e}", file=sys.stderr)
@@ -464,7 +464,7 @@ def main(ckpts: list[str] | dict[str, str], out_dir: str | Path, split: str = "t
         by_table.setdefault(row.table, []).append(row)
     ldm_eval = load_script("ldm_eval.py")
     train_names = split_list(ldm_eval.config_for(_eval_args(ldm_eval, runs[0].ckpt, split, overrides)).data, "train")
-    baselines = score_baselines(runs[0], train_names, work, modes, native, lung)
+    baselines = score_baselines(runs[0], train_names, work, modes, native, lung, lpips)
     extras = {}
     for table, trs in by_table.items():
         reports = trs[0].run.result["metrics"]
@@ -488,7 +488,8 @@ def main(ckpts: list[str] | dict[str, str], out_dir: str | Path, split: str = "t
             except (ImageError, ValueError) as e:
                 print(f"ablation.py: histograms not drawn: {e}", file=sys.stderr)
         docs[table] = "\n".join(parts) + "\n"
-        atomic_write_text(out / "tables" / f"{table}.md", docs[table])
+        # tables/ is one level down: its copy links the figure from there
+        atomic_write_text(out / "tables" / f"{table}.md", docs[table].replace("](figures/", "](../figures/"))
         atomic_write_text(out / "tables" / f"{table}.csv", table_csv(with_baselines, modes))
     atomic_write_text(out / "ablation.md", "# Ablations\n\n" + "\n".join(docs.values()))
     results = {"checkpoints": ckpts, "split": split, "limit": limit, "overrides": list(overrides), "modes": list(modes),

@@ -5,14 +5,13 @@ tissue target | bone = CXR - soft tissue). Both difference images share one gray
 contrast can be compared directly.
 
 Usage (from the repository root):
-    .venv/bin/python docs/make_phantom_figure.py
-    .venv/bin/python docs/make_phantom_figure.py --seed 3 --size 1024 --out docs/phantom_vs_real.png
-    .venv/bin/python docs/make_phantom_figure.py --real /path/to/szch-samples --name 1.png
+    python -m tools.make_phantom_figure --real /path/to/szch-samples
+    python -m tools.make_phantom_figure --real /path/to/szch-samples --seed 3 --size 1024 --out docs/phantom_vs_real.png
+    python -m tools.make_phantom_figure --real /path/to/szch-samples --name 1.png
 """
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,8 +20,8 @@ DIFF_RANGE = (-0.1, 0.4)  # gray scale of both difference panels, in [0, 1] pixe
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--real", type=Path, default=REPO.parent / "shared" / "data" / "szch-samples",
-                   help="folder with CXR/ and BS/ sub-folders of real pairs")
+    p.add_argument("--real", type=Path, required=True,
+                   help="folder (outside this repository) with CXR/ and BS/ sub-folders of real pairs")
     p.add_argument("--name", default="0.png", help="file name of the real pair")
     p.add_argument("--seed", type=int, default=0, help="phantom seed")
     p.add_argument("--size", type=int, default=1024, help="phantom size in pixels")
@@ -33,11 +32,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if str(REPO) not in sys.path:  # run as a plain script from anywhere
-        sys.path.insert(0, str(REPO))
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from utils.logging import pyplot, save_figure
+
+    plt = pyplot()
 
     from data.io import read_image
     from data.phantom import generate_phantom
@@ -62,9 +59,7 @@ def main(argv=None) -> None:
     fig.suptitle("Synthetic phantom (data/phantom.py) vs a real SZCH pair; difference panels "
                  f"shown on [{DIFF_RANGE[0]}, {DIFF_RANGE[1]}]", fontsize=12)
     fig.tight_layout()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, dpi=args.dpi)
-    plt.close(fig)
+    save_figure(fig, args.out, dpi=args.dpi)
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB)")
 
 

@@ -1,11 +1,11 @@
 """Sampling benchmark: BS-LDM as published, GL-LCM as published, and this project's default.
 
 Usage:
-    python benchmark.py                      # demo size: configs/demo.yaml networks, 256² input
-    python benchmark.py --paper --max-steps 2   # paper size: 1024², 383M UNet, 38M VQGAN, fp32 and auto
-    python benchmark.py --quick              # tiny networks, a few steps (used by the tests)
-    python benchmark.py --ldm-ckpt runs/ldm/001-distill/checkpoints/best.pt   # trained demo weights
-    python benchmark.py --paper --max-steps 5 --out bench.json
+    python -m tools.benchmark                      # demo size: configs/demo.yaml networks, 256² input
+    python -m tools.benchmark --paper --max-steps 2   # paper size: 1024², 383M UNet, 38M VQGAN, fp32 and auto
+    python -m tools.benchmark --quick              # tiny networks, a few steps (used by the tests)
+    python -m tools.benchmark --ldm-ckpt runs/ldm/001-distill/checkpoints/best.pt   # trained demo weights
+    python -m tools.benchmark --paper --max-steps 5 --out bench.json
 
 Times one image through the real code paths (``models.inference``, ``models.global_local``,
 ``models.fusion``, the VQGAN) for three scenarios:
@@ -37,6 +37,7 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +54,7 @@ from utils.atomic import atomic_write_text
 from utils.config import InferenceConfig, load_config
 from utils.dist import resolve_device
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = {
     "bs-ldm": {"sampler": "ddpm", "steps": 1000, "paths": 1, "batched": False},
     "gl-lcm": {"sampler": "lcm", "steps": 50, "paths": 2, "batched": False},
@@ -101,12 +102,12 @@ def run_scenario(name: str, size: str, max_steps: int | None, device: torch.devi
                  seed: int = 0) -> dict:
     """Time one image through scenario ``name``; returns the row of the table."""
     spec = SCENARIOS[name]
-    cfg = bench_config(size)
+    base = bench_config(size)
     steps = spec["steps"] if size != "quick" else min(spec["steps"], 8)
-    cfg.sampler.name, cfg.sampler.steps = spec["sampler"], steps
-    cfg.global_local.leg_mode = "noise"
-    cfg.inference = InferenceConfig(precision=precision, channels_last=channels_last, compile=compile_unet,
-                                    local_crop=local_crop)
+    cfg = replace(base, sampler=replace(base.sampler, name=spec["sampler"], steps=steps),
+                  global_local=replace(base.global_local, leg_mode="noise"),
+                  inference=InferenceConfig(precision=precision, channels_last=channels_last, compile=compile_unet,
+                                            local_crop=local_crop))
     torch.manual_seed(seed)
     vqgan_raw = build_vqgan(cfg.vqgan).to(device).eval().requires_grad_(False)
     image = cfg.data.image_size
@@ -281,7 +282,7 @@ def main(size: str = "demo", max_steps: int | None = None, out: str | Path | Non
     dev = resolve_device(device)
     for name, precision, crop in plan(scenarios or list(SCENARIOS), list(precisions), dev):
         if subprocesses:
-            cmd = [sys.executable, __file__, "--_one", name, "--size", size, "--device", device,
+            cmd = [sys.executable, "-m", "tools.benchmark", "--_one", name, "--size", size, "--device", device,
                    "--precisions", precision]
             cmd += [] if max_steps is None else ["--max-steps", str(max_steps)]
             cmd += [] if channels_last else ["--no-channels-last"]

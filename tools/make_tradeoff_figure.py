@@ -9,11 +9,10 @@ Xeon in `make demo` (VQGAN f = 4 0.25 s, UNet on 4x32² latents 0.17 s) and in s
 f = 2 first stage (VQGAN 1.6x, UNet on 4x64² latents 2.7x those). The demo's own points were measured
 end to end on the CPU. README, "Where the ribs survive", has the tables.
 
-Usage (from the repository root): .venv/bin/python docs/make_tradeoff_figure.py
+Usage (from the repository root): python -m tools.make_tradeoff_figure
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,8 +27,6 @@ TRAINING_BUDGET_MIN = 12.0         # 15 minutes minus the other stages of make d
 
 
 def main() -> None:
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
     from utils.logging import pyplot, save_figure
 
     plt = pyplot()

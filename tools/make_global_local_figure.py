@@ -1,7 +1,7 @@
 """Figure of one demo test image through the global-local path: CXR | global | local | fused | target.
 
 Usage (after `make demo`):
-    python docs/make_global_local_figure.py --ckpt runs/demo/ldm/001-distill/checkpoints/best.pt \
+    python -m tools.make_global_local_figure --ckpt runs/demo/ldm/001-distill/checkpoints/best.pt \
         --out docs/global_local.png
 """
 from __future__ import annotations

@@ -1,0 +1,5 @@
+"""Research kits beside the pipeline: benchmark, frequency analysis, ablations, reader study, HTML report
+and the figure scripts of docs/.
+
+Run each from the repository root as a module: ``python -m tools.<name> --help``.
+"""
