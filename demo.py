@@ -79,58 +79,26 @@ def main(out: str | Path = "runs/demo", overrides: tuple[str, ...] = (), progres
         dcfg = load_config(base + [ROOT / "configs" / "distill.yaml", ROOT / "configs" / "demo-distill.yaml"],
                            sets + [f"distill.teacher_ckpt={teacher_run}/checkpoints/best.pt"])
         student_run = ldm_train.main(dcfg, progress=progress)
-    ldm_eval = load_script("ldm_eval.py")
-    ckpt = student_run / "checkpoints" / "best.pt"
-    pred = student_run / "eval" / "test"
     with stage("5 inference: global-local, 4 LCM steps"):
-        ecfg = ldm_eval.config_for(ldm_eval.build_parser().parse_args(["--ckpt", str(ckpt), *_set_args(overrides)]))
-        ldm_eval.main(ecfg, ckpt, split="test", out_dir=pred, overwrite=True, progress=progress)
-        # the same student with the other bone-layer reference (the config's default is "decoded")
-        pred_input = student_run / "eval" / "test-input-reference"
-        icfg = ldm_eval.config_for(ldm_eval.build_parser().parse_args(
-            ["--ckpt", str(ckpt), *_set_args(overrides), "--set", "output.residual_reference=input"]))
-        ldm_eval.main(icfg, ckpt, split="test", out_dir=pred_input, overwrite=True, progress=progress)
-        teacher_ckpt = teacher_run / "checkpoints" / "best.pt"
-        teacher_preds = {name: teacher_run / "eval" / f"test-{name}50" for name in ("lcm", "ddim")}
-        for name, teacher_pred in teacher_preds.items():
-            tcfg = ldm_eval.config_for(ldm_eval.build_parser().parse_args(
-                ["--ckpt", str(teacher_ckpt), "--sampler", name, "--steps", "50", *_set_args(overrides)]))
-            ldm_eval.main(tcfg, teacher_ckpt, split="test", out_dir=teacher_pred, overwrite=True, progress=progress)
+        preds = run_inference(student_run, teacher_run, overrides, progress)
     mdir = out / "metrics"
     with stage("6 baselines and metrics"):
-        tone = write_tone_predictions(
+        preds["ceiling"] = ceiling
+        preds["tone"] = write_tone_predictions(
             fit_from_folders(root / "CXR", root / "BS", read_list(root / f"{cfg.data.name}_trainset.txt")),
             root / "CXR", read_list(test_list), out / "tone_curve")
-        scorer, lpips_reason = lpips_scorer()
-        preds = {"model": pred, "model_input_ref": pred_input, "teacher": teacher_preds["lcm"],
-                 "teacher_ddim": teacher_preds["ddim"],
-                 "ceiling": ceiling, "tone": tone, "identity": root / "CXR"}
-        summaries = {}
-        for label, pred_dir in preds.items():
-            for mode in ("corrected", "faithful") if label == "model" else ("corrected",):
-                corrected = mode == "corrected"
-                scored = score_folder(root / "CXR", root / "BS", pred_dir, read_list(test_list), mode,
-                                      root / "Mask" if corrected else None, corrected, scorer, lpips_reason,
-                                      list_file=test_list, progress=progress)
-                scored.write(mdir / label)
-                if corrected:
-                    summaries[label] = scored.summary
+        preds["identity"] = root / "CXR"
+        summaries = score_predictions(root, test_list, preds, mdir, progress)
         nodules = nodule_contrasts(root, read_list(test_list), preds)
     with stage("7 benchmark"):
         bench_json = out / "benchmark.json"
-        benchmark.main("quick" if extra_configs else "demo", max_steps=bench_max_steps,
-                                         out=bench_json)
-    labels = ("model", "model_input_ref", "teacher_ddim", "teacher", "ceiling", "tone", "identity")
+        benchmark.main("quick" if extra_configs else "demo", max_steps=bench_max_steps, out=bench_json)
+    labels = tuple(COLUMNS)
+    pred = preds["model"]
     with stage("8 report"):
         html_path = html_report.main(
             root, pred, test_list, out / "report.html",
-            metrics={"model (distilled, 4 steps, global-local)": mdir / "model" / "metrics_corrected_native.json",
-                     "same, input as bone-layer reference": mdir / "model_input_ref" / "metrics_corrected_native.json",
-                     "teacher (50 DDIM steps, global-local)": mdir / "teacher_ddim" / "metrics_corrected_native.json",
-                     "teacher (50 LCM steps, global-local)": mdir / "teacher" / "metrics_corrected_native.json",
-                     "first-stage ceiling (true latent decoded)": mdir / "ceiling" / "metrics_corrected_native.json",
-                     "tone curve (baseline)": mdir / "tone" / "metrics_corrected_native.json",
-                     "identity (prediction = CXR)": mdir / "identity" / "metrics_corrected_native.json"},
+            metrics={title: mdir / label / "metrics_corrected_native.json" for label, title in COLUMNS.items()},
             benchmark=bench_json,
             curves={"VQGAN": vq_run / "curves.png", "diffusion": teacher_run / "curves.png",
                     "distillation": student_run / "curves.png"},
@@ -142,6 +110,51 @@ def main(out: str | Path = "runs/demo", overrides: tuple[str, ...] = (), progres
                "metrics": {label: {k: v for k, v in s["metrics"].items()} for label, s in summaries.items()},
                "nodule_contrast": nodules}
     atomic_write_text(out / "demo_summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    print_table(summary, labels, nodules, html_path, times)
+    return summary
+
+
+def run_inference(student_run: Path, teacher_run: Path, overrides, progress: bool) -> dict[str, Path]:
+    """ldm_eval.py on the test split: the student (with both bone-layer references) and the teacher
+    with 50 LCM and 50 DDIM steps; returns {column label: prediction folder}."""
+    ldm_eval = load_script("ldm_eval.py")
+    student, teacher = (run / "checkpoints" / "best.pt" for run in (student_run, teacher_run))
+    jobs = {"model": (student, [], student_run / "eval" / "test"),
+            # the same student with the other bone-layer reference (the config's default is "decoded")
+            "model_input_ref": (student, ["--set", "output.residual_reference=input"],
+                                student_run / "eval" / "test-input-reference"),
+            "teacher": (teacher, ["--sampler", "lcm", "--steps", "50"], teacher_run / "eval" / "test-lcm50"),
+            "teacher_ddim": (teacher, ["--sampler", "ddim", "--steps", "50"], teacher_run / "eval" / "test-ddim50")}
+    for ckpt, args, folder in jobs.values():
+        ecfg = ldm_eval.config_for(ldm_eval.build_parser().parse_args(
+            ["--ckpt", str(ckpt), *_set_args(overrides), *args]))      # the job's own settings win
+        ldm_eval.main(ecfg, ckpt, split="test", out_dir=folder, overwrite=True, progress=progress)
+    return {label: folder for label, (_, _, folder) in jobs.items()}
+
+
+def score_predictions(root: Path, test_list: Path, preds: dict[str, Path], mdir: Path, progress: bool) -> dict:
+    """Every prediction folder scored in corrected mode at native size with the lung scores (the
+    student also in faithful mode), reports in ``mdir/<label>/``; returns {label: corrected summary}
+    in the order of :data:`COLUMNS`."""
+    scorer, lpips_reason = lpips_scorer()
+    if lpips_reason:
+        print(f"demo.py: LPIPS not computed: {lpips_reason}", file=sys.stderr)
+    names = read_list(test_list)
+    summaries = {}
+    for label, pred_dir in preds.items():
+        for mode in ("corrected", "faithful") if label == "model" else ("corrected",):
+            corrected = mode == "corrected"
+            report = score_folder(root / "CXR", root / "BS", pred_dir, names, mode, root / "Mask" if corrected else None,
+                                  corrected, scorer, lpips_reason, list_file=test_list, progress=progress,
+                                  on_problem=lambda n, why: print(f"demo.py: {label}: {n}: {why}", file=sys.stderr))
+            report.write(mdir / label)
+            if corrected:
+                summaries[label] = report.summary
+    return {label: summaries[label] for label in COLUMNS}
+
+
+def print_table(summary: dict, labels: tuple[str, ...], nodules: dict, html_path: Path, times: dict) -> None:
+    """The demo's closing table (mean ± std per column), the bone-removal verdicts and the total time."""
     print("\n| test split (corrected, native) | student, 4 LCM steps | student, input reference | teacher, 50 DDIM steps "
           "| teacher, 50 LCM steps | first-stage ceiling | tone curve | identity (CXR) |\n|---|---|---|---|---|---|---|---|")
     for key, label, scale in TABLE_ROWS:
@@ -156,8 +169,16 @@ def main(out: str | Path = "runs/demo", overrides: tuple[str, ...] = (), progres
                                        nodules["target"], **GOALS)
         print(f"\n{label}: " + ("meets every bone-removal goal" if not failed else "misses: " + "; ".join(failed)))
     print(f"\nreport: {html_path}   total {sum(times.values()):.0f} s")
-    return summary
 
+
+# The scored prediction folders, in table order, with their titles in the HTML report.
+COLUMNS = {"model": "model (distilled, 4 steps, global-local)",
+           "model_input_ref": "same, input as bone-layer reference",
+           "teacher_ddim": "teacher (50 DDIM steps, global-local)",
+           "teacher": "teacher (50 LCM steps, global-local)",
+           "ceiling": "first-stage ceiling (true latent decoded)",
+           "tone": "tone curve (baseline)",
+           "identity": "identity (prediction = CXR)"}
 
 # What a model must do to count as removing bones, not just tone (the goals of the demo; measured
 # against the tone-curve baseline on the same test images). Missed goals are printed, not raised.

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Sequence
 
 from data.splits import read_list
-from evaluation import MODES, lpips_scorer, score_folder
+from evaluation import MODES, ImageFolder, lpips_scorer, score_folder
 from utils.atomic import UnwritableError, require_writable
 
 
@@ -91,11 +91,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     def report_problem(name, why):
         print(f"metrics.py: {name}: {why}", file=sys.stderr)
 
-    try:
-        report = score_folder(args.cxr, args.gt, args.pred, read_list(args.list) if args.list else None, args.mode,
-                              args.mask, args.native, scorer, lpips_reason, args.list, report_problem)
-    except ValueError as e:  # no names to score
-        parser.error(str(e))
+    names = read_list(args.list) if args.list else ImageFolder(args.gt).names()
+    if not names:
+        parser.error("nothing to score: the list / gt folder has no images")
+    report = score_folder(args.cxr, args.gt, args.pred, names, args.mode, args.mask, args.native, scorer,
+                          lpips_reason, args.list, report_problem)
     csv_path, json_path = report.write(args.out or args.pred)
     print(report.markdown())
     print(f"\nwrote {csv_path} and {json_path}")

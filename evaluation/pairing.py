@@ -15,8 +15,16 @@ class ImageFolder:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         self.by_stem: dict[str, list[str]] = {}
-        for p in list_images(self.root, must_exist=True):
+        unusable: list[tuple[Path, str]] = []
+        for p in list_images(self.root, must_exist=True, problems=unusable):
             self.by_stem.setdefault(p.stem, []).append(p.name)
+        # A broken link or a folder named like an image stays a case, so that it is reported as
+        # unreadable instead of vanishing from the listing (hidden files are skipped, as everywhere).
+        for p, _ in unusable:
+            if is_image_file(p):
+                self.by_stem.setdefault(p.stem, []).append(p.name)
+        for files in self.by_stem.values():
+            files.sort()
 
     def find(self, name: str) -> tuple[Path | None, str]:
         """(path, "") or (None, why not)."""
@@ -31,7 +39,8 @@ class ImageFolder:
         return None, f"not found in {self.root}"
 
     def names(self) -> list[str]:
-        return [f for files in self.by_stem.values() for f in files]
+        """Every image name of the folder, sorted."""
+        return sorted(f for files in self.by_stem.values() for f in files)
 
 
 def _fmt_size(shape: tuple[int, ...]) -> str:

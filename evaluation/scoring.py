@@ -19,7 +19,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from data.masking import binarize_mask
-from evaluation.definitions import REFERENCE_SIZE, score_pair
+from evaluation.definitions import MODES, REFERENCE_SIZE, score_pair
 from evaluation.pairing import ImageFolder, load_case
 from evaluation.perceptual import LpipsScorer, lpips_weights_path
 from evaluation.summary import csv_text, markdown_table, metric_columns, summarize
@@ -126,6 +126,18 @@ class FolderReport:
         s = self.summary
         return markdown_table(s["metrics"], s["n_scored"], s["n_listed"], s["mode"], s["size"], s["lpips"]["reason"])
 
+    def transcript(self, out_dir: str | os.PathLike, prog: str = "metrics.py") -> str:
+        """What ``metrics.py`` prints for this report, stderr lines in their place: the LPIPS note,
+        one line per failed image, the table, the files written to ``out_dir``, the failure count."""
+        reason = self.summary["lpips"]["reason"]
+        lines = [f"{prog}: LPIPS not computed: {reason}"] if reason else []
+        lines += [f"{prog}: {f['name']}: {f['error']}" for f in self.failures]
+        csv_path, json_path = self.paths(out_dir)
+        lines += [self.markdown(), "", f"wrote {csv_path} and {json_path}"]
+        if self.failures:
+            lines.append(f"{prog}: {len(self.failures)} of {len(self.rows)} images could not be scored (see above)")
+        return "\n".join(lines) + "\n"
+
     def paths(self, out_dir: str | os.PathLike) -> tuple[Path, Path]:
         """(csv, json) paths of this report in ``out_dir``."""
         out = Path(out_dir)
@@ -159,6 +171,8 @@ def score_folder(cxr_dir: str | os.PathLike, gt_dir: str | os.PathLike, pred_dir
     Raises:
         ValueError: no names to score, or mask/native options in faithful mode.
     """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "faithful" and (mask_dir is not None or native):
         raise ValueError("mask and native are corrected-mode options (the published metrics have neither)")
     if names is None:

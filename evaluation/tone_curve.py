@@ -3,7 +3,7 @@
 A bone-suppression model has to beat this, not only the identity. Soft-tissue images are shown
 with a different display curve than the radiograph (darker, flatter), so most of the pixel energy
 of the bone image cxr - soft is tone, and a lookup table scores a high PSNR and energy BSR without
-removing a single rib. The band-limited BSR (``metrics.band_bsr``) is the score it cannot game.
+removing a single rib. The band-limited BSR (``evaluation.band_bsr``) is the score it cannot game.
 
     curve = fit_tone_curve(cxr_images, soft_images)      # train split only
     soft = apply_tone_curve(curve, cxr)                  # any size, any bit depth

@@ -52,7 +52,8 @@ def load_ldm(path: str | Path, device: torch.device | str = "cpu", weights: str 
     slot = "ema" if weights == "ema" else "unet"
     if slot not in ckpt["state"]:
         raise CheckpointError(f"{path}: holds no '{slot}' weights (it has {', '.join(sorted(ckpt['state']))}); "
-                              f"choose --weights {'raw' if slot == 'ema' else 'ema'}")
+                              f"use the {'raw' if slot == 'ema' else 'ema'} weights instead (ldm_eval.py --weights "
+                              f"{'raw' if slot == 'ema' else 'ema'})")
     unet = build_unet(cfg.unet, image_size=ckpt["extra"]["latent_size"])
     load_state(unet, ckpt["state"][slot], path, weights)
     if as_eps:

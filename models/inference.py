@@ -1,6 +1,6 @@
 """Conditional latent sampling: CXR latent in, soft-tissue latent out (one path, docs/method.md §4).
 
-The UNet, the noise schedule and the sampler stay separate (style.md C4): :func:`make_denoiser`
+The UNet, the noise schedule and the sampler stay separate: :func:`make_denoiser`
 builds the ``denoise_fn`` the samplers call, putting the condition into the network input the way
 the model was trained (``diffusion.cond_mode``, §3.5) and keeping only the 4 supervised output
 channels (§7.4). :func:`suppress_latents` runs the configured sampler with temporal adaptive

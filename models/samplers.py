@@ -1,7 +1,7 @@
 """Samplers: ancestral DDPM, DDIM and the multistep (latent) consistency sampler, with temporal
 adaptive thresholding (docs/method.md §4.1-§4.3, §4.5).
 
-Design (style.md C4): the network, the schedule and the sampler are separate. Every per-step
+Design: the network, the schedule and the sampler are separate. Every per-step
 function is pure: it receives the schedule, the noise estimate, the timestep(s), the current latent,
 the clip range of this step and the generator, and keeps no counter. Condition handling, guidance
 and the global/local dual path live in the caller's ``denoise_fn``:

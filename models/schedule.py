@@ -2,7 +2,7 @@
 training loss (docs/method.md §3.3, §3.5).
 
 ``NoiseSchedule`` owns the betas and ᾱ_t (``alphas_cumprod``) and the closed-form maps between x0,
-ε and x_t. It knows nothing about networks or samplers (style.md C4).
+ε and x_t. It knows nothing about networks or samplers.
 
     add_noise:   x_t = √ᾱ_t · x0 + √(1−ᾱ_t) · ε
     predict_x0:  x̂0  = (x_t − √(1−ᾱ_t) · ε̂) / √ᾱ_t
@@ -253,7 +253,7 @@ def model_input_sample(x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor | 
 def training_loss(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], schedule: NoiseSchedule,
                   z_target: torch.Tensor, z_cond: torch.Tensor, cfg: DiffusionConfig,
                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """ε- (or v-) prediction MSE with offset noise, shared by training and validation (style.md C6).
+    """ε- (or v-) prediction MSE with offset noise, shared by training and validation.
 
     t ~ U{0, …, T−1} is drawn once per sample with the *actual* batch size (the reference used the
     configured batch size, which crashes or broadcasts on a partial last batch, §7.5). The offset

@@ -1,7 +1,7 @@
 """Conditional latent noise estimator: the guided-diffusion ``UNetModel`` layout (docs/method.md §3.1-3.2).
 
-Written from the specification (not copied). The module knows nothing about betas or samplers
-(style.md C4): it maps a network input and a timestep to an output of the same spatial size.
+Written from the specification (not copied). The module knows nothing about betas or samplers:
+it maps a network input and a timestep to an output of the same spatial size.
 
 Conditioning is by channel concatenation, done by the caller (``models.schedule.model_input_*``):
 

@@ -288,6 +288,29 @@ def test_cli_reports_missing_mismatched_unreadable(tmp_path, no_lpips_weights, c
     assert "LPIPS not computed" in err and "3 of 4 images could not be scored" in err
 
 
+def test_score_folder_report_is_what_the_cli_prints_and_writes(tmp_path, no_lpips_weights, capsys):
+    """The library returns the report the CLI writes; its transcript is the CLI's output, line for line;
+    a broken link named like an image in the target folder is a failed case, not silently dropped."""
+    d = _synthetic_folders(tmp_path)
+    (d["BS"] / "e.png").symlink_to(tmp_path / "nowhere.png")
+    rc = metrics.main(["--cxr", str(d["CXR"]), "--gt", str(d["BS"]), "--pred", str(d["pred"]), "--out", str(tmp_path / "cli")])
+    cap = capsys.readouterr()
+    scorer, reason = M.lpips_scorer()
+    report = M.score_folder(d["CXR"], d["BS"], d["pred"], None, "faithful", scorer=scorer, lpips_reason=reason,
+                            progress=False)
+    assert rc == 1 and [f["name"] for f in report.failures] == ["b.png", "c.png", "d.png", "e.png"]
+    assert "unreadable gt" in report.failures[-1]["error"]
+    csv_path, json_path = report.write(tmp_path / "lib")
+    assert json.loads(json_path.read_text()) | {"inputs": None} == \
+        json.loads((tmp_path / "cli" / "metrics_faithful.json").read_text()) | {"inputs": None}
+    assert csv_path.read_text() == (tmp_path / "cli" / "metrics_faithful.csv").read_text()
+    printed = set((cap.out + cap.err).splitlines())
+    transcript = report.transcript(tmp_path / "cli").splitlines()
+    assert set(transcript) - {""} == printed - {""}
+    with pytest.raises(ValueError, match="mode must be one of"):
+        M.score_folder(d["CXR"], d["BS"], d["pred"], mode="published")
+
+
 def test_cli_table_and_require_lpips(tmp_path, no_lpips_weights, capsys):
     d = _synthetic_folders(tmp_path)
     args = ["--cxr", str(d["CXR"]), "--gt", str(d["BS"]), "--pred", str(d["BS"]), "--out", str(tmp_path / "o")]

@@ -20,7 +20,6 @@ from tests.scripts import load_script, tiny_dataset
 from utils.checkpoint import CheckpointError, load_checkpoint, resolve_first_stage, save_checkpoint
 from utils.config import config_to_dict
 from utils.foreign_pickle import ForeignPickleError, read_module_tree
-from utils.release import export_release
 
 convert = load_script("convert_reference.py")
 

@@ -2,8 +2,6 @@
 headless browser with no JavaScript or console errors and that its sliders move."""
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import re
 import shutil
@@ -11,7 +9,6 @@ import subprocess
 
 import pytest
 
-from data.splits import read_list
 from evaluation import score_folder
 from tools import report
 from data.io import read_image, write_png
@@ -26,7 +23,6 @@ def built(tmp_path_factory):
     names = (root / "demo_testset.txt").read_text().split()
     for n in names:   # a stand-in prediction: halfway between the CXR and the target
         write_png(pred / n, 0.5 * (read_image(root / "CXR" / n).pixels + read_image(root / "BS" / n).pixels))
-    names = read_list(root / "demo_testset.txt")
     for label, folder in (("m", pred), ("i", root / "CXR")):
         score_folder(root / "CXR", root / "BS", folder, names, "corrected", native=True, progress=False).write(base / label)
     bench = [{"scenario": "ours", "sampler": "lcm", "steps": 4, "steps_timed": 4, "extrapolated": False,

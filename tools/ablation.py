@@ -250,28 +250,27 @@ def commands(runs: list[Run], modes, native: bool, lung: bool, batch_size: int, 
 # Run
 # --------------------------------------------------------------------------------------------------
 
-def score_run(run: Run, pred: Path, mode: str, native: bool, lung: bool, lpips: tuple) -> tuple[int, dict]:
-    """Score one prediction folder in one mode (``evaluation.score_folder``, as ``metrics.py`` would)
-    into ``<run>/metrics``, with a log of the table and the failed images; returns (status, summary):
-    status 0 when every listed image was scored, else 1 (``metrics.py``'s exit status)."""
+def score_run(run: Run, pred: Path, mode: str, native: bool, lung: bool, lpips: tuple,
+              log: bool = True) -> tuple[int, dict]:
+    """Score one prediction folder in one mode (``evaluation.score_folder``, what ``metrics.py`` runs)
+    into ``<run>/metrics``, with ``metrics_<tag>.log`` holding what ``metrics.py`` would print when
+    ``log``; returns (status, summary): status 0 when every listed image was scored, else 1
+    (``metrics.py``'s exit status). ``lpips``: (scorer, reason) of ``evaluation.lpips_scorer``."""
     corrected = mode == "corrected"
-    problems: list[str] = []
     report = score_folder(run.root / CXR, run.root / BS, pred, read_list(run.list_file), mode,
                           run.root / MASK if corrected and lung else None, corrected and native, *lpips,
-                          list_file=run.list_file, on_problem=lambda n, why: problems.append(f"{n}: {why}"),
-                          progress=False)
+                          list_file=run.list_file, progress=False)
     report.write(run.folder / "metrics")
-    atomic_write_text(run.folder / "metrics" / f"metrics_{report.tag}.log",
-                      "".join(f"{p}\n" for p in problems) + report.markdown() + "\n")
+    if log:
+        atomic_write_text(run.folder / "metrics" / f"metrics_{report.tag}.log", report.transcript(run.folder / "metrics"))
     return int(bool(report.failures)), report.summary
 
 
 def execute(run: Run, modes, native: bool, lung: bool, batch_size: int, overwrite: bool,
-            masks_dir: str | None, progress: bool, lpips: tuple = (None, "not requested")) -> dict:
+            masks_dir: str | None, progress: bool, lpips: tuple) -> dict:
     """ldm_eval.main, then :func:`score_run` per mode; returns the run record (also ``<run>/run.json``):
     {"sets", "folder", "eval_failures", "seconds_per_image", "eval_seconds", "metrics": {mode: report},
-    "status": {mode: 0 all scored / 1 some failed}}. ``lpips``: (scorer, reason) of
-    ``evaluation.lpips_scorer``."""
+    "status": {mode: 0 all scored / 1 some failed}}. ``lpips``: see :func:`score_run`."""
     ldm_eval = load_script("ldm_eval.py")
     t0 = time.perf_counter()
     summary = ldm_eval.main(run.cfg, run.ckpt, split=run.split, out_dir=run.folder / "pred", batch_size=batch_size,
@@ -289,7 +288,7 @@ def execute(run: Run, modes, native: bool, lung: bool, batch_size: int, overwrit
 
 
 def score_baselines(run0: Run, train_names: list[str], work: Path, modes, native: bool, lung: bool,
-                    lpips: tuple = (None, "not requested")) -> list[Run]:
+                    lpips: tuple) -> list[Run]:
     """The two rows every table ends with, scored on the same images as the model's rows:
     the tone curve (one global lookup table CXR -> soft tissue fitted on the train split, see
     ``evaluation.tone_curve``) and the identity (prediction = CXR). A row that does not beat the
@@ -302,7 +301,8 @@ def score_baselines(run0: Run, train_names: list[str], work: Path, modes, native
         run = Run(key, key, "", (), run0.cfg, work / "baselines" / key, run0.list_file, run0.root, run0.split,
                   {"metrics": {}, "status": {}})
         for mode in modes:
-            run.result["status"][mode], run.result["metrics"][mode] = score_run(run, pred, mode, native, lung, lpips)
+            status, summary = score_run(run, pred, mode, native, lung, lpips, log=False)
+            run.result["status"][mode], run.result["metrics"][mode] = status, summary
         runs.append(run)
     return runs
 

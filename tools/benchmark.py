@@ -4,7 +4,6 @@ Usage:
     python -m tools.benchmark                      # demo size: configs/demo.yaml networks, 256² input
     python -m tools.benchmark --paper --max-steps 2   # paper size: 1024², 383M UNet, 38M VQGAN, fp32 and auto
     python -m tools.benchmark --quick              # tiny networks, a few steps (used by the tests)
-    python -m tools.benchmark --ldm-ckpt runs/ldm/001-distill/checkpoints/best.pt   # trained demo weights
     python -m tools.benchmark --paper --max-steps 5 --out bench.json
 
 Times one image through the real code paths (``models.inference``, ``models.global_local``,

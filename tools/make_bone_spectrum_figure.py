@@ -1,7 +1,7 @@
 """Render docs/bone_spectrum.png: how the bone image (CXR - soft tissue) splits its energy across
 frequency bands, on the real SZCH pairs and on the demo phantoms, bands relative to the width.
 
-Each bar is the share of the bone image's energy in one band of ``metrics.band_energies`` ("tone" is
+Each bar is the share of the bone image's energy in one band of ``evaluation.band_energies`` ("tone" is
 everything coarser than a Gaussian of sigma = W/4, "fine" everything finer than W/128). Real pairs
 are area-resized to the phantoms' size first, so both are compared at the demo's native 256².
 

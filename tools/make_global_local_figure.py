@@ -11,13 +11,9 @@ from pathlib import Path
 
 
 def main(ckpt: str, out: str, index: int = 0) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from data.datasets import split_list
     from data.io import read_image
+    from utils.logging import pyplot, save_figure
     from utils.scripts import load_script
 
     ldm_eval = load_script("ldm_eval.py")
@@ -31,14 +27,14 @@ def main(ckpt: str, out: str, index: int = 0) -> None:
               ("local path (lungs)", read_image(work / "paths" / "local" / name).pixels),
               ("fused, native size", read_image(work / name).pixels),
               ("target (soft tissue)", read_image(root / "BS" / name).pixels)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.3), dpi=90)
+    fig, axes = pyplot().subplots(1, len(panels), figsize=(3 * len(panels), 3.3), dpi=90)
     for ax, (title, img) in zip(axes, panels):
         ax.imshow(img, cmap="gray", vmin=0, vmax=1)
         ax.set_title(title, fontsize=9)
         ax.axis("off")
     fig.suptitle(f"demo test image {name}: distilled student, 4 LCM steps", fontsize=10)
     fig.tight_layout()
-    fig.savefig(out)
+    save_figure(fig, out)
     print(out)
 
 

@@ -41,6 +41,8 @@ def load_cases(args) -> list[tuple]:
     from data.phantom import generate_phantom
 
     cases = []
+    if args.real is None:
+        print("no --real DIR: the figure shows the DICOM and the phantoms only")
     for name in args.names if args.real is not None else []:
         path = args.real / "CXR" / name
         if path.exists():

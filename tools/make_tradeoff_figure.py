@@ -7,7 +7,7 @@ because a sweep of this size does not fit a CPU session; they are the same itera
 does. The minutes are those iterations times the per-iteration costs measured on the 2-core Intel
 Xeon in `make demo` (VQGAN f = 4 0.25 s, UNet on 4x32² latents 0.17 s) and in short runs for the
 f = 2 first stage (VQGAN 1.6x, UNet on 4x64² latents 2.7x those). The demo's own points were measured
-end to end on the CPU. README, "Where the ribs survive", has the tables.
+end to end on the CPU. docs/results.md, "Where the ribs survive", has the tables.
 
 Usage (from the repository root): python -m tools.make_tradeoff_figure
 """

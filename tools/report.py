@@ -3,7 +3,8 @@
 Usage:
     python -m tools.report --root datasets/demo --pred runs/demo/ldm/001-distill/eval/test \
         --list datasets/demo/demo_testset.txt --out runs/demo/report.html \
-        [--metrics runs/demo/metrics] [--benchmark runs/demo/benchmark.json] [--curves RUN ...]
+        [--metrics LABEL=runs/demo/metrics/model/metrics_corrected_native.json ...] \
+        [--benchmark runs/demo/benchmark.json] [--curves LABEL=runs/demo/vqgan/000-demo/curves.png ...]
 
 For every listed test image: CXR | prediction | target | removed bone (CXR − prediction), a
 before/after slider (CXR under the prediction), and a crop at native pixels (zoomed 2x with no
@@ -241,7 +242,7 @@ def main(root: str | Path, pred: str | Path, list_file: str | Path, out: str | P
     """Write the report; returns its path."""
     summaries = {k: json.loads(Path(v).read_text()) for k, v in (metrics or {}).items()}
     bench = json.loads(Path(benchmark).read_text()) if benchmark else None
-    bench = bench["rows"] if isinstance(bench, dict) else bench          # benchmark.py --out: {"rows", "flops"}
+    bench = bench["rows"] if isinstance(bench, dict) else bench          # tools.benchmark --out: {"rows", "flops"}
     text = build_report(Path(root), Path(pred), read_list(list_file), summaries, bench,
                         {k: Path(v) for k, v in (curves or {}).items()}, title, notes)
     atomic_write_text(out, text)
@@ -255,7 +256,7 @@ if __name__ == "__main__":
     p.add_argument("--list", required=True, help="split list of the images to show")
     p.add_argument("--out", required=True, help="the HTML file to write")
     p.add_argument("--metrics", nargs="*", default=[], metavar="LABEL=JSON", help="metrics.py summaries to tabulate")
-    p.add_argument("--benchmark", help="benchmark.py --out JSON")
+    p.add_argument("--benchmark", help="tools.benchmark --out JSON")
     p.add_argument("--curves", nargs="*", default=[], metavar="LABEL=PNG", help="training curves to embed")
     a = p.parse_args()
     print(main(a.root, a.pred, a.list, a.out, dict(m.split("=", 1) for m in a.metrics), a.benchmark,
