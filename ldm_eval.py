@@ -114,6 +114,28 @@ def check_output_names(jobs: list[Path]) -> None:
         seen[name] = p
 
 
+def write_result(out_dir: Path, im, res, output_mode: str, derivation: str, save_paths: bool) -> None:
+    """One image's outputs: the PNG (16-bit for a deeper input), a derived DICOM for a DICOM input,
+    and with ``save_paths`` the global / local / fused images under ``paths/``."""
+    src = Path(im.path)
+    if im.dicom is not None:
+        write_dicom(out_dir / src.name, res.soft, im, subtraction=output_mode == "native_residual",
+                    derivation=derivation)
+    if save_paths:
+        for part, img in (("global", res.global_img), ("local", res.local_img), ("fused", res.fused)):
+            if img is not None:
+                write_png(out_dir / "paths" / part / output_name(src), img)
+    write_png(out_dir / output_name(src), res.soft, bit_depth=16 if im.bit_depth > 8 else 8, inputs=(src,))
+
+
+def merge_counts(parts: list[dict]) -> dict:
+    """The per-process counts of a sharded run as one (images, written, skipped, failures, seconds)."""
+    return {"images": sum(c["images"] for c in parts), "written": sum(c["written"] for c in parts),
+            "skipped_existing": sum(c["skipped_existing"] for c in parts),
+            "failures": [f for c in parts for f in c["failures"]],
+            "seconds": {k: sum(c["seconds"][k] for c in parts) for k in parts[0]["seconds"]}}
+
+
 def main(cfg, ckpt: str | Path, split: str | None = "test", input_dir: str | None = None,
          out_dir: str | Path | None = None, weights: str = "ema", batch_size: int = 4,
          overwrite: bool = False, masks_dir: str | None = None, save_paths: bool = False,
@@ -178,15 +200,7 @@ def main(cfg, ckpt: str | Path, split: str | None = "test", input_dir: str | Non
         results = suppressor([im.pixels for im, _ in batch], [m for _, m in batch],
                              [Path(im.path).name for im, _ in batch], progress=progress)
         for (im, _), res in zip(batch, results):
-            src = Path(im.path)
-            if im.dicom is not None:
-                write_dicom(out_dir / src.name, res.soft, im, subtraction=cfg.output.mode == "native_residual",
-                            derivation=derivation)
-            if save_paths:
-                for part, img in (("global", res.global_img), ("local", res.local_img), ("fused", res.fused)):
-                    if img is not None:
-                        write_png(out_dir / "paths" / part / output_name(src), img)
-            write_png(out_dir / output_name(src), res.soft, bit_depth=16 if im.bit_depth > 8 else 8, inputs=(src,))
+            write_result(out_dir, im, res, cfg.output.mode, derivation, save_paths)
             done += 1
         bar.update(len(batch))
     bar.close()
@@ -195,10 +209,7 @@ def main(cfg, ckpt: str | Path, split: str | None = "test", input_dir: str | Non
     if info.distributed:                           # one summary for the whole run
         parts: list = [None] * info.world_size
         torch.distributed.all_gather_object(parts, counts)
-        counts = {"images": sum(c["images"] for c in parts), "written": sum(c["written"] for c in parts),
-                  "skipped_existing": sum(c["skipped_existing"] for c in parts),
-                  "failures": [f for c in parts for f in c["failures"]],
-                  "seconds": {k: sum(c["seconds"][k] for c in parts) for k in counts["seconds"]}}
+        counts = merge_counts(parts)
         cleanup_distributed()
     done, failures, skipped_n = counts["written"], counts["failures"], counts["skipped_existing"]
     per = {k: v / max(done, 1) for k, v in counts["seconds"].items()}
