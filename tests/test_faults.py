@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,14 +21,39 @@ def train_cmd(root, out, *extra):
             "--set", f"data.root={root}", "--set", f"run.out_dir={out}", "--no-progress", *extra]
 
 
+def step_files(out) -> set:
+    """The step checkpoints written so far under ``out/vqgan/<run>/checkpoints``."""
+    return set((out / "vqgan").glob("*/checkpoints/step_*.pt")) if (out / "vqgan").is_dir() else set()
+
+
+def run_then_kill(cmd, out, env, delay: float | None) -> tuple[bool, int, float]:
+    """Start ``cmd``; once it has written a new checkpoint (training is under way, whatever the start-up
+    time of this machine), wait ``delay`` seconds and SIGKILL it if still running (None: never).
+    Returns (killed, return code, seconds from the new checkpoint to the end)."""
+    before = step_files(out)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    while proc.poll() is None and step_files(out) <= before:
+        time.sleep(0.01)
+    t_ckpt = time.perf_counter()
+    killed = False
+    if delay is not None and proc.poll() is None:
+        time.sleep(delay)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            killed = True
+    proc.wait()
+    return killed, proc.returncode, time.perf_counter() - t_ckpt
+
+
 @pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_is_exact(tmp_path):
     root = tiny_dataset(tmp_path / "ds", n=24)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     epochs = "vq_train.epochs=12"
-    # the uninterrupted reference run
-    subprocess.run(train_cmd(root, tmp_path / "ref", "--set", epochs), cwd=ROOT, env=env, check=True,
-                   capture_output=True)
+    # the uninterrupted reference run; its pace sets the kill times (one checkpoint per epoch)
+    _, rc, after_first = run_then_kill(train_cmd(root, tmp_path / "ref", "--set", epochs), tmp_path / "ref", env, None)
+    assert rc == 0
+    epoch_s = after_first / 11
     (ref_run,) = (tmp_path / "ref" / "vqgan").iterdir()
     ref = load_checkpoint(CheckpointManager(ref_run).latest())
 
@@ -39,24 +63,15 @@ def test_sigkill_at_random_moments_then_resume_is_exact(tmp_path):
     for attempt in range(6):
         cmd = train_cmd(root, out, "--set", epochs) if run_dir is None else \
             [sys.executable, "vq-gan_train.py", "--resume", str(run_dir), "--no-progress"]
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        time.sleep(rng.uniform(4.0, 8.0))               # python + torch start-up takes a few seconds
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
-        proc.wait()
-        if proc.returncode == 0:
+        # anywhere in the next 2.5 epochs: mid-step, mid-validation or mid-save
+        killed, rc, _ = run_then_kill(cmd, out, env, rng.uniform(0.0, 2.5) * epoch_s)
+        kills += killed
+        if rc == 0:
             finished = True
             break
-        if run_dir is None and (out / "vqgan").exists():
-            run_dir = next((out / "vqgan").iterdir(), None)
-        latest = CheckpointManager(run_dir).latest() if run_dir is not None else None
-        if latest is None:                               # killed before the first checkpoint: start over
-            if run_dir is not None:
-                shutil.rmtree(run_dir)
-            run_dir = None
-            continue
-        assert load_checkpoint(latest)["step"] > 0        # never a half-written checkpoint
+        run_dir = run_dir or next((out / "vqgan").iterdir())
+        latest = CheckpointManager(run_dir).latest()
+        assert latest is not None and load_checkpoint(latest)["step"] > 0   # never a half-written checkpoint
     assert kills >= 1
     if not finished:                                     # finish what is left
         cmd = train_cmd(root, out, "--set", epochs) if run_dir is None else \
