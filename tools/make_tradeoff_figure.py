@@ -13,6 +13,7 @@ Usage (from the repository root): python -m tools.make_tradeoff_figure
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,7 +27,7 @@ RUNS = [("VQGAN 408", 408, 1020, (1, 1), 0.049, -0.006), ("VQGAN 408", 408, 2040
 TRAINING_BUDGET_MIN = 12.0         # 15 minutes minus the other stages of make demo (about 3 minutes here)
 
 
-def main() -> None:
+def main(out: Path = REPO / "docs" / "tradeoff.png") -> None:
     from utils.logging import pyplot, save_figure
 
     plt = pyplot()
@@ -49,9 +50,11 @@ def main() -> None:
     ax.set_xlabel("CPU minutes of VQGAN + teacher training (2-core Intel Xeon; labels: teacher iterations)")
     ax.set_ylabel("teacher, high-pass BSR at W/32")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    save_figure(fig, REPO / "docs" / "tradeoff.png", bbox_inches="tight")
-    print(REPO / "docs" / "tradeoff.png")
+    save_figure(fig, out, bbox_inches="tight")
+    print(out)
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "tradeoff.png")
+    main(parser.parse_args().out)
