@@ -24,6 +24,9 @@ def main(argv=None) -> None:
     p.add_argument("--size", type=int, default=256, help="phantom size = size the real pairs are resized to")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "bone_spectrum.png")
     args = p.parse_args(argv)
+    for sub in ("CXR", "BS"):
+        if args.real is not None and not (args.real / sub).is_dir():
+            p.error(f"--real {args.real}: no {sub}/ folder of real images there")
     import numpy as np
     from skimage.transform import resize
 

@@ -27,7 +27,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=1024, help="phantom size in pixels")
     p.add_argument("--dpi", type=int, default=80)
     p.add_argument("--out", type=Path, default=REPO / "docs" / "phantom_vs_real.png")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for sub in ("CXR", "BS"):
+        if args.real is not None and not (args.real / sub).is_dir():
+            p.error(f"--real {args.real}: no {sub}/ folder of real images there")
+    return args
 
 
 def main(argv=None) -> None:
