@@ -52,3 +52,15 @@ def test_root_holds_the_pipeline_scripts_only():
     """The design card's six scripts, the front door and the converter; research kits live in tools/."""
     assert {f.name for f in ROOT.glob("*.py")} == ROOT_SCRIPTS
     assert not list((ROOT / "docs").glob("*.py"))
+
+
+def test_every_tool_runs_one_way_and_says_so():
+    """Each research kit imports without work, has a ``main`` and documents ``python -m tools.<name>``."""
+    import importlib
+
+    names = sorted(f.stem for f in (ROOT / "tools").glob("*.py") if f.stem != "__init__")
+    assert len(names) == 10
+    for name in names:
+        module = importlib.import_module(f"tools.{name}")
+        assert callable(getattr(module, "main", None)), name
+        assert f"python -m tools.{name}" in module.__doc__, name
