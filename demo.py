@@ -121,13 +121,12 @@ def run_inference(student_run: Path, teacher_run: Path, overrides, progress: boo
     student, teacher = (run / "checkpoints" / "best.pt" for run in (student_run, teacher_run))
     jobs = {"model": (student, [], student_run / "eval" / "test"),
             # the same student with the other bone-layer reference (the config's default is "decoded")
-            "model_input_ref": (student, ["--set", "output.residual_reference=input"],
+            "model_input_ref": (student, ["output.residual_reference=input"],
                                 student_run / "eval" / "test-input-reference"),
-            "teacher": (teacher, ["--sampler", "lcm", "--steps", "50"], teacher_run / "eval" / "test-lcm50"),
-            "teacher_ddim": (teacher, ["--sampler", "ddim", "--steps", "50"], teacher_run / "eval" / "test-ddim50")}
-    for ckpt, args, folder in jobs.values():
-        ecfg = ldm_eval.config_for(ldm_eval.build_parser().parse_args(
-            ["--ckpt", str(ckpt), *_set_args(overrides), *args]))      # the job's own settings win
+            "teacher": (teacher, ["sampler.name=lcm", "sampler.steps=50"], teacher_run / "eval" / "test-lcm50"),
+            "teacher_ddim": (teacher, ["sampler.name=ddim", "sampler.steps=50"], teacher_run / "eval" / "test-ddim50")}
+    for ckpt, sets, folder in jobs.values():
+        ecfg = ldm_eval.eval_config(ckpt, [*overrides, *sets])      # the job's own settings win
         ldm_eval.main(ecfg, ckpt, split="test", out_dir=folder, overwrite=True, progress=progress)
     return {label: folder for label, (_, _, folder) in jobs.items()}
 
@@ -261,10 +260,6 @@ class _Timer:
     def __exit__(self, *exc):
         self.times[self.name] = time.perf_counter() - self.t0
         return False
-
-
-def _set_args(overrides) -> list[str]:
-    return [a for o in overrides for a in ("--set", o)]
 
 
 if __name__ == "__main__":

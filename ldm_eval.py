@@ -49,7 +49,7 @@ import torch
 from tqdm import tqdm
 
 from data.datasets import CXR, MASK, split_list
-from data.io import ImageError, list_images, read_image, write_dicom, write_png
+from data.io import ImageError, input_images, read_image, write_dicom, write_png
 from data.masking import load_mask
 from models import load_ldm, load_vqgan
 from models.pipeline import BoneSuppressor
@@ -77,11 +77,7 @@ def image_jobs(cfg, split: str | None, input_dir: str | None) -> list[Path]:
     """Source CXR paths: a split's CXR/ images or every image of a folder (the other entries of the
     folder are named on stderr, not silently dropped)."""
     if input_dir is not None:
-        skipped: list[tuple[Path, str]] = []
-        paths = list_images(input_dir, must_exist=True, problems=skipped)
-        for path, why in skipped:
-            print(f"ldm_eval.py: {path}: {why}", file=sys.stderr)
-        return paths
+        return input_images(input_dir, "ldm_eval.py")
     root = Path(cfg.data.root)
     return [root / CXR / n for n in split_list(cfg.data, split)]
 
@@ -262,8 +258,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def eval_config(ckpt: str | Path, overrides: list[str] | tuple[str, ...] = (), config_files: list | None = None):
+    """The config to evaluate ``ckpt`` with: its own (or ``config_files``) with ``overrides``
+    (``key=value``, later ones win).
+
+    Raises:
+        ConfigError: an override changes a key the checkpoint fixed (:func:`fixed_by_checkpoint`) to a
+            value other than the trained one.
+    """
+    cfg = checkpoint_config(ckpt, STAGE, config_files, list(overrides))
+    fixed = [o for o in overrides if fixed_by_checkpoint(o.split("=", 1)[0].strip())]
+    if fixed:
+        trained = checkpoint_config(ckpt, STAGE)
+        for item in fixed:
+            key = item.split("=", 1)[0].strip()
+            if _get(cfg, key) != _get(trained, key):
+                raise ConfigError(f"--set {item}: {key} is fixed by the checkpoint (trained with "
+                                  f"{_get(trained, key)!r}); evaluation cannot change it")
+    return cfg
+
+
 def config_for(args: argparse.Namespace):
-    """The checkpoint's config (or --config files) with --set overrides."""
+    """The checkpoint's config (or --config files) with --set overrides, then the flags' settings."""
     overrides = list(args.overrides)
     if args.sampler:
         overrides.append(f"sampler.name={args.sampler}")
@@ -277,16 +293,7 @@ def config_for(args: argparse.Namespace):
         overrides.append("inference.channels_last=false")
     if args.compile:
         overrides.append("inference.compile=true")
-    cfg = checkpoint_config(args.ckpt, STAGE, args.config, overrides)
-    fixed = [o for o in args.overrides if fixed_by_checkpoint(o.split("=", 1)[0].strip())]
-    if fixed:
-        trained = checkpoint_config(args.ckpt, STAGE)
-        for item in fixed:
-            key = item.split("=", 1)[0].strip()
-            if _get(cfg, key) != _get(trained, key):
-                raise ConfigError(f"--set {item}: {key} is fixed by the checkpoint (trained with "
-                                  f"{_get(trained, key)!r}); evaluation cannot change it")
-    return cfg
+    return eval_config(args.ckpt, overrides, args.config)
 
 
 # What the trained model fixed: its size and intensity convention, architectures, schedule and training.

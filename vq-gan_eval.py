@@ -32,7 +32,7 @@ from skimage.metrics import structural_similarity
 from tqdm import tqdm
 
 from data.datasets import split_list
-from data.io import ImageError, list_images, read_image, write_png
+from data.io import ImageError, input_images, read_image, write_png
 from data.transforms import from_model, to_model
 from models import load_vqgan
 from models.msssim import MSSSIM
@@ -62,11 +62,7 @@ def image_jobs(cfg, split: str | None, input_dir: str | None) -> list[tuple[str,
     """(relative output name, source path) for a split's CXR/BS images or a folder's images (the other
     entries of the folder are named on stderr, not silently dropped)."""
     if input_dir is not None:
-        skipped: list[tuple[Path, str]] = []
-        paths = list_images(input_dir, must_exist=True, problems=skipped)
-        for path, why in skipped:
-            print(f"vq-gan_eval.py: {path}: {why}", file=sys.stderr)
-        return [(p.name, p) for p in paths]
+        return [(p.name, p) for p in input_images(input_dir, "vq-gan_eval.py")]
     root = Path(cfg.data.root)
     names = split_list(cfg.data, split)
     return [(f"{sub}/{n}", root / sub / n) for sub in ("CXR", "BS") for n in names]

@@ -12,6 +12,7 @@ that a crash never leaves a half-written image, and they never write onto one of
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,6 +108,16 @@ def list_images(folder: str | os.PathLike, *, must_exist: bool = False,
         elif problems is not None and unusable_entry(p):
             problems.append((p, unusable_entry(p)))
     return images
+
+
+def input_images(folder: str | os.PathLike, prog: str) -> list[Path]:
+    """The images of an input folder given on a command line (:func:`list_images`, which must exist);
+    every other entry is named on stderr as ``prog: path: why``, not silently dropped."""
+    skipped: list[tuple[Path, str]] = []
+    paths = list_images(folder, must_exist=True, problems=skipped)
+    for path, why in skipped:
+        print(f"{prog}: {path}: {why}", file=sys.stderr)
+    return paths
 
 
 def read_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS,

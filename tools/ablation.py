@@ -64,7 +64,7 @@ from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.config import ConfigError
 from utils.logging import pyplot, save_figure
 from utils.scripts import load_script
-from evaluation import LABELS, fit_from_folders, lpips_scorer, score_folder, write_tone_predictions
+from evaluation import LABELS, MODES, fit_from_folders, lpips_scorer, score_folder, write_tone_predictions
 
 TABLES = ("offset_tat", "guidance", "fusion", "sampler")
 TITLES = {"offset_tat": "Offset noise and temporal adaptive thresholding (BS-LDM)",
@@ -77,7 +77,6 @@ GUIDANCE = (("none", "Vanilla guidance"), ("noise", "CFG (noise reference)"),
 FUSION = (("none", "✗ (global path)"), ("alpha", "α-fusion"), ("poisson", "Poisson fusion"))
 DEFAULT_SAMPLERS = ("lcm", "ddim")
 DEFAULT_STEPS = (1, 2, 4, 8)
-MODES = ("faithful", "corrected")
 
 
 @dataclass
@@ -181,7 +180,7 @@ def _slug(cfg) -> str:
 
 def resolve_runs(rows: list[Row], work: Path, split: str, common: tuple[str, ...], limit: int | None,
                  masks_dir: str | None) -> list[Run]:
-    """Build every row's config through ``ldm_eval.config_for`` (so config errors come before any
+    """Build every row's config through ``ldm_eval.eval_config`` (so config errors come before any
     work), write the ``--limit`` lists, and attach one :class:`Run` per distinct setting.
 
     Runs go to ``work/<model>/<settings>-<hash>/``, the ``--limit`` lists to ``work/lists/<model>/``.
@@ -191,7 +190,7 @@ def resolve_runs(rows: list[Row], work: Path, split: str, common: tuple[str, ...
     lists: dict[str, tuple[tuple[str, ...], Path]] = {}
     for row in rows:
         if row.model not in lists:
-            base = ldm_eval.config_for(_eval_args(ldm_eval, row.ckpt, split, common))
+            base = ldm_eval.eval_config(row.ckpt, common)
             list_dir, prefix = split_location(base.data)
             names = split_list(base.data, split)
             extra: tuple[str, ...] = ()
@@ -206,7 +205,7 @@ def resolve_runs(rows: list[Row], work: Path, split: str, common: tuple[str, ...
             lists[row.model] = (extra, list_file)
         extra, list_file = lists[row.model]
         sets = (*common, *extra, *row.overrides)
-        cfg = ldm_eval.config_for(_eval_args(ldm_eval, row.ckpt, split, sets))
+        cfg = ldm_eval.eval_config(row.ckpt, sets)
         if cfg.global_local.enabled and cfg.global_local.masks != "auto" and masks_dir is None \
                 and not (Path(cfg.data.root) / MASK).is_dir():
             raise FileNotFoundError(f"{Path(cfg.data.root) / MASK}: the {row.table} rows need lung masks; give "
@@ -218,11 +217,6 @@ def resolve_runs(rows: list[Row], work: Path, split: str, common: tuple[str, ...
                                list_file, Path(cfg.data.root), split)
         row.run = runs[digest]
     return list(runs.values())
-
-
-def _eval_args(ldm_eval, ckpt: str, split: str, sets) -> argparse.Namespace:
-    return ldm_eval.build_parser().parse_args(["--ckpt", str(ckpt), "--split", split,
-                                               *[a for s in sets for a in ("--set", s)]])
 
 
 def metrics_argv(run: Run, mode: str, native: bool, lung: bool) -> list[str]:
@@ -463,7 +457,7 @@ def main(ckpts: list[str] | dict[str, str], out_dir: str | Path, split: str = "t
     for row in rows:
         by_table.setdefault(row.table, []).append(row)
     ldm_eval = load_script("ldm_eval.py")
-    train_names = split_list(ldm_eval.config_for(_eval_args(ldm_eval, runs[0].ckpt, split, overrides)).data, "train")
+    train_names = split_list(ldm_eval.eval_config(runs[0].ckpt, overrides).data, "train")
     baselines = score_baselines(runs[0], train_names, work, modes, native, lung, lpips)
     extras = {}
     for table, trs in by_table.items():

@@ -17,7 +17,7 @@ def main(ckpt: str, out: str, index: int = 0) -> None:
     from utils.scripts import load_script
 
     ldm_eval = load_script("ldm_eval.py")
-    cfg = ldm_eval.config_for(ldm_eval.build_parser().parse_args(["--ckpt", ckpt]))
+    cfg = ldm_eval.eval_config(ckpt)
     name = split_list(cfg.data, "test")[index]
     work = Path(ckpt).resolve().parent.parent / "eval" / "figure"
     ldm_eval.main(cfg, ckpt, split="test", out_dir=work, save_paths=True, overwrite=True, progress=False)
