@@ -37,6 +37,30 @@ def test_round_trip(tmp_path):
     assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
 
 
+def test_lazy_load_maps_the_weights_and_refuses_the_same_files(tmp_path, monkeypatch):
+    """lazy=True (a config read) memory-maps the file and gives the same checkpoint; a legacy-format
+    file is still read; a truncated file and an unsafe pickle are refused as without it."""
+    net, _ = small_state()
+    save_checkpoint(tmp_path / "c.pt", kind="toy", step=3, epoch=1, config=config_to_dict(Config()),
+                    state={"model": net.state_dict()})
+    calls, real_load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k.get("mmap")) or real_load(*a, **k))
+    lazy, full = load_checkpoint(tmp_path / "c.pt", lazy=True), load_checkpoint(tmp_path / "c.pt")
+    assert calls == [True, False]
+    assert lazy["config"] == full["config"] and lazy["step"] == 3
+    assert torch.equal(lazy["state"]["model"]["weight"], full["state"]["model"]["weight"])
+    legacy = {k: v for k, v in full.items()}
+    torch.save(legacy, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    assert load_checkpoint(tmp_path / "legacy.pt", lazy=True)["config"] == full["config"]
+    data = (tmp_path / "c.pt").read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="trunc.pt: not a readable checkpoint"):
+        load_checkpoint(tmp_path / "trunc.pt", lazy=True)
+    torch.save({"format": "x", "payload": Exploit()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="evil.pt: refused"):
+        load_checkpoint(tmp_path / "evil.pt", lazy=True)
+
+
 class Exploit:
     def __reduce__(self):
         import os

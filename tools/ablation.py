@@ -125,7 +125,7 @@ def parse_ckpts(items: list[str]) -> dict[str, str]:
 
 
 def _offset_cell(ckpt: str) -> str:
-    c = load_checkpoint(ckpt, kind="ldm")["config"].get("diffusion", {}).get("offset_noise", 0.1)
+    c = load_checkpoint(ckpt, kind="ldm", lazy=True)["config"].get("diffusion", {}).get("offset_noise", 0.1)
     return f"✓ (c = {c:g})" if c else "✗"
 
 

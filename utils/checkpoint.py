@@ -38,9 +38,12 @@ def save_checkpoint(path: str | Path, *, kind: str, step: int, epoch: int, confi
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
-def load_checkpoint(path: str | Path, kind: str | None = None) -> dict:
+def load_checkpoint(path: str | Path, kind: str | None = None, *, lazy: bool = False) -> dict:
     """Load a checkpoint on the CPU with ``weights_only=True`` (a ``.pt`` file), or a release
     ``.safetensors`` file (:mod:`utils.release`), into the same dict.
+
+    ``lazy``: a ``.pt`` file's tensors are memory-mapped, read from disk only when touched, for a
+    caller that needs the config (a paper-size checkpoint holds gigabytes of weights).
 
     Raises:
         CheckpointError: missing, unreadable, unsafe (needs unpickling of objects), not a checkpoint of
@@ -54,16 +57,22 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> dict:
 
         ckpt = load_safetensors(p)
     else:
-        ckpt = _load_pt(p)
+        ckpt = _load_pt(p, lazy)
     if kind is not None and ckpt.get("kind") != kind:
         raise CheckpointError(f"{p}: is a '{ckpt.get('kind')}' checkpoint, expected '{kind}'")
     return check_contents(ckpt, p)
 
 
-def _load_pt(p: Path) -> dict:
-    """A ``.pt`` checkpoint with this project's header, read with ``weights_only=True``."""
+def _load_pt(p: Path, lazy: bool = False) -> dict:
+    """A ``.pt`` checkpoint with this project's header, read with ``weights_only=True`` (``lazy``:
+    memory-mapped, for the zip format every checkpoint of this project has; others are read whole)."""
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+        try:
+            ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=lazy)
+        except RuntimeError as e:
+            if not lazy or "mmap" not in str(e):
+                raise
+            ckpt = torch.load(p, map_location="cpu", weights_only=True)     # legacy format: no mmap
     except pickle.UnpicklingError as e:
         # torch's weights-only unpickler names the global it refused; anything else is corruption.
         found = re.search(r"(?:unsupported GLOBAL|Unsupported global:)\s*(?:GLOBAL\s*)?([\w.]+)", str(e))

@@ -44,7 +44,8 @@ def checkpoint_config(ckpt: str | Path, kind: str, config_files: list | None = N
 
     if config_files:
         return load_config(config_files, overrides)
-    return config_from_dict(load_checkpoint(ckpt, kind=kind)["config"], f"{ckpt} (config)", overrides)
+    # Only the config is needed: the weights stay on disk (memory-mapped).
+    return config_from_dict(load_checkpoint(ckpt, kind=kind, lazy=True)["config"], f"{ckpt} (config)", overrides)
 
 
 def naming_file(path: str | Path, err: Exception) -> str:
