@@ -365,3 +365,107 @@ def test_cli_argument_errors(tmp_path):
                            "--set", "unet.nope=1"], "unet.nope")):
         res = subprocess.run([sys.executable, "convert_reference.py", *args], cwd=ROOT, capture_output=True, text=True)
         assert res.returncode == 2 and needle in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+# ---- payloads in every pickle protocol and every file format torch.load accepts --------------------
+
+PROTOCOLS = range(6)
+FORMATS = ("zip", "legacy", "legacy-first", "legacy-sysinfo", "legacy-keys", "tar")
+
+
+def _payload_file(tmp_path: Path, fmt: str, protocol: int, marker: Path) -> Path:
+    """A file in format ``fmt`` carrying a code-running pickle (``touch marker``) in ``protocol``.
+
+    zip / legacy: ``torch.save`` of the payload; legacy-first / -sysinfo / -keys: a legacy file whose
+    magic number, system info or storage keys pickle is the payload (torch reads those three, and the keys,
+    with ``pickle_module.load`` rather than its Unpickler); tar: torch's oldest format, payload in
+    ``storages``.
+    """
+    import io
+    import pickle
+    import tarfile
+
+    from torch.serialization import MAGIC_NUMBER, PROTOCOL_VERSION
+
+    payload = Payload(f"touch {marker}")
+    path = tmp_path / f"evil-{fmt}-p{protocol}.pt"
+    dump = lambda obj: pickle.dumps(obj, protocol=protocol)   # noqa: E731
+    if fmt in ("zip", "legacy"):
+        torch.save(payload, path, pickle_protocol=protocol, _use_new_zipfile_serialization=fmt == "zip")
+    elif fmt == "legacy-first":
+        path.write_bytes(dump(payload))
+    elif fmt == "legacy-sysinfo":
+        path.write_bytes(dump(MAGIC_NUMBER) + dump(PROTOCOL_VERSION) + dump(payload))
+    elif fmt == "legacy-keys":
+        path.write_bytes(dump(MAGIC_NUMBER) + dump(PROTOCOL_VERSION) + dump({}) + dump({}) + dump(payload))
+    else:
+        with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+            for name, data in (("storages", dump(payload)), ("sys_info", dump({})), ("pickle", dump({})),
+                               ("tensors", dump(0))):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_payloads_never_run_in_any_protocol_or_format(tmp_path):
+    """The library function, on every protocol 0-5 in every format: refused, naming the file; nothing runs."""
+    marker = tmp_path / "pwned"
+    for fmt in FORMATS:
+        for protocol in PROTOCOLS:
+            path = _payload_file(tmp_path, fmt, protocol, marker)
+            with pytest.raises(ForeignPickleError) as err:
+                read_module_tree(path, "modules.unet.UNetModel", ("modules.", "torch.nn.modules."))
+            assert str(path) in str(err.value), str(err.value)
+            assert not marker.exists(), (fmt, protocol)
+    # Control: the files are hostile, an ordinary torch.load runs them.
+    with pytest.raises(RuntimeError, match="magic number"):
+        torch.load(_payload_file(tmp_path, "legacy-first", 2, marker), weights_only=False)
+    assert marker.exists()
+
+
+def test_restricted_module_load_is_restricted_on_torch_legacy_paths(tmp_path):
+    """Second layer, below the format gate: torch.load given the restricted module on the legacy and tar
+    formats (whose first pickles torch reads with ``pickle_module.load``) runs no payload either."""
+    from utils.foreign_pickle import _make_pickle_module
+
+    marker = tmp_path / "pwned"
+    for fmt in FORMATS:
+        for protocol in PROTOCOLS:
+            path = _payload_file(tmp_path, fmt, protocol, marker)
+            try:
+                torch.load(path, weights_only=False, pickle_module=_make_pickle_module(set()))
+            except Exception:
+                pass          # the stubs make torch fail in many ways; what matters is the marker
+            assert not marker.exists(), (fmt, protocol)
+    mod = _make_pickle_module(set())
+    import pickle
+
+    assert type(mod.loads(pickle.dumps(Payload(f"touch {marker}")))).__name__ == "system" and not marker.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt, protocol", [(f, p) for f in ("zip", "legacy-first") for p in PROTOCOLS] +
+                         [(f, 2) for f in ("legacy", "legacy-sysinfo", "legacy-keys", "tar")])
+def test_payload_through_the_cli_never_runs(tmp_path, fmt, protocol):
+    """``convert_reference.py --unet evil.pt --vqgan evil.pt``: one error line, no traceback, nothing run."""
+    marker = tmp_path / "pwned"
+    evil = _payload_file(tmp_path, fmt, protocol, marker)
+    res = subprocess.run([sys.executable, "convert_reference.py", "--method", "gl-lcm", "--unet", str(evil),
+                          "--vqgan", str(evil), "--out", str(tmp_path / "x")], cwd=ROOT, capture_output=True,
+                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert not marker.exists(), res.stderr
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(evil) in lines[0], res.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_torchscript_archive_refused_before_torch_sees_it(tmp_path, monkeypatch):
+    """torch.load hands a TorchScript zip to torch.jit.load, which runs the archive's TorchScript code
+    (``__setstate__``) and never uses the restricted unpickler: such files are refused by name."""
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), path)
+    monkeypatch.setattr(torch.jit, "load", lambda *a, **k: pytest.fail("torch.jit.load was reached"))
+    with pytest.raises(ForeignPickleError, match="TorchScript"):
+        read_module_tree(path, "modules.unet.UNetModel", ("modules.", "torch.nn.modules."))

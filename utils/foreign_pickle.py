@@ -19,12 +19,13 @@ reported rather than half-trusted.
 """
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 import torch
 
@@ -167,11 +168,58 @@ def _make_pickle_module(seen: set[str]) -> types.ModuleType:
                 stubs[path] = type(name if name.isidentifier() else "Stub", (Stub,), {"_path": path})
             return stubs[path]
 
+    def load(file: Any, **kwargs: Any) -> Any:
+        return Unpickler(file, **kwargs).load()
+
+    def loads(data: bytes, **kwargs: Any) -> Any:
+        return Unpickler(io.BytesIO(data), **kwargs).load()
+
     mod = types.ModuleType("restricted_pickle")
     mod.Unpickler = Unpickler
-    mod.load = pickle.load        # torch checks for the attribute; never called with our Unpickler
+    # torch's legacy loaders call ``pickle_module.load`` directly (magic number, protocol, system info,
+    # storage keys, tar members) before or besides building an Unpickler: those must be restricted too,
+    # so that no byte of the file ever reaches the real pickle.load (defence in depth: read() below
+    # refuses those formats before torch sees them).
+    mod.load = load
+    mod.loads = loads
     mod.__name__ = "restricted_pickle"
     return mod
+
+
+# ---- the file format gate --------------------------------------------------------------------------
+
+ZIP_MAGIC = b"PK\x03\x04"      # what torch.serialization._is_zipfile looks for, at the same place
+
+
+def check_format(p: Path, f: BinaryIO) -> None:
+    """Refuse, before torch sees the open file ``f``, every format but a zip-format ``torch.save`` file.
+
+    The reference checkpoints are zip-format (torch >= 1.6). torch.load would also accept the legacy
+    stream and tar formats, whose first pickles torch reads with ``pickle_module.load``, and TorchScript
+    archives, which it hands to ``torch.jit.load`` (TorchScript code runs there, and the restricted
+    unpickler is never used). The same tests torch makes decide which path it takes: the first four
+    bytes, then torch's own zip reader looking for ``constants.pkl``.
+    """
+    start = f.read(len(ZIP_MAGIC))
+    f.seek(0)
+    if start != ZIP_MAGIC:
+        raise ForeignPickleError(f"{p}: not a zip-format torch file (torch.save of torch >= 1.6, as the published "
+                                 "weights are); legacy, tar and other formats are refused unread")
+    try:
+        records = torch._C.PyTorchFileReader(f).get_all_records()
+    except Exception as e:    # a damaged zip: torch.load would fail the same way
+        raise ForeignPickleError(f"{p}: not a readable torch file ({type(e).__name__}: {_first_line(e)})") from None
+    finally:
+        f.seek(0)
+    if "constants.pkl" in records:
+        raise ForeignPickleError(f"{p}: a TorchScript archive (torch.jit.save), not a pickled model; refused unread "
+                                 "(loading one runs its TorchScript code)")
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of an exception's message (torch's C++ errors append a stack trace)."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 # ---- reading ---------------------------------------------------------------------------------------
@@ -186,12 +234,17 @@ def load_restricted(path: str | Path) -> tuple[Any, set[str]]:
                                  "unpickler, including this converter's restricted one; unset it for this command "
                                  "(nothing in the file is run either way)")
     seen: set[str] = set()
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=False, pickle_module=_make_pickle_module(seen))
-    except pickle.UnpicklingError as e:
-        raise ForeignPickleError(f"{p}: not a model file this converter can read ({e})") from None
-    except Exception as e:   # truncated zip, not a torch file, storage errors
-        raise ForeignPickleError(f"{p}: not a readable torch file ({type(e).__name__}: {e})") from None
+    # One open file for the format check and for torch, so what was checked is what torch reads.
+    with open(p, "rb") as f:
+        check_format(p, f)
+        try:
+            obj = torch.load(f, map_location="cpu", weights_only=False, pickle_module=_make_pickle_module(seen))
+        except pickle.UnpicklingError as e:
+            raise ForeignPickleError(f"{p}: not a model file this converter can read ({e})") from None
+        except RecursionError:
+            raise ForeignPickleError(f"{p}: not a model file this converter can read (nested too deeply)") from None
+        except Exception as e:   # truncated zip, not a torch file, storage errors
+            raise ForeignPickleError(f"{p}: not a readable torch file ({type(e).__name__}: {_first_line(e)})") from None
     return obj, seen
 
 
