@@ -178,7 +178,7 @@ def _make_pickle_module(seen: set[str]) -> types.ModuleType:
     mod.Unpickler = Unpickler
     # torch's legacy loaders call ``pickle_module.load`` directly (magic number, protocol, system info,
     # storage keys, tar members) before or besides building an Unpickler: those must be restricted too,
-    # so that no byte of the file ever reaches the real pickle.load (defence in depth: read() below
+    # so that no byte of the file ever reaches the real pickle.load (defence in depth: load_restricted
     # refuses those formats before torch sees them).
     mod.load = load
     mod.loads = loads
