@@ -49,7 +49,7 @@ import torch
 from tqdm import tqdm
 
 from data.datasets import CXR, MASK, split_list
-from data.io import ImageError, input_images, read_image, write_dicom, write_png
+from data.io import DICOM_EXTENSIONS, ImageError, input_images, output_name, read_image, write_dicom, write_image
 from data.masking import load_mask
 from models import load_ldm, load_vqgan
 from models.pipeline import BoneSuppressor
@@ -82,9 +82,46 @@ def image_jobs(cfg, split: str | None, input_dir: str | None) -> list[Path]:
     return [root / CXR / n for n in split_list(cfg.data, split)]
 
 
-def output_name(path: Path) -> str:
-    """PNG name of an output (a DICOM input also gets a .dcm beside it)."""
-    return path.stem + ".png" if path.suffix.lower() in (".dcm", ".dicom") else path.name
+def dicom_output_name(path: Path) -> str:
+    """Name of the derived DICOM written for a DICOM input: its own name, or ``<stem>.dcm`` for a DICOM
+    file named otherwise (``scan.png`` holding DICOM must not have its PNG output replaced)."""
+    return path.name if path.suffix.lower() in DICOM_EXTENSIONS else path.stem + ".dcm"
+
+
+def output_files(out_dir: Path, src: Path, save_paths: bool) -> list[Path]:
+    """Every file a source may give: the image, a derived DICOM, and the ``paths/`` images."""
+    files = [out_dir / output_name(src), out_dir / dicom_output_name(src)]
+    if save_paths:
+        files += [out_dir / "paths" / part / output_name(src) for part in PATH_PARTS]
+    return files
+
+
+def blocked_output(out_dir: Path, src: Path, save_paths: bool) -> str | None:
+    """Why ``src``'s outputs cannot be written, or None: a name taken by something this run must not
+    replace or write through (a folder, a symbolic link, a device). Checked before the image is
+    processed, so that it fails alone and costs nothing; a symbolic link is never taken for a
+    finished output."""
+    for f in output_files(out_dir, src, save_paths):
+        if f.is_symlink():
+            return f"{f}: the output's name is a symbolic link; not written through (remove the link)"
+        if f.exists() and not f.is_file():
+            return f"{f}: the output's name is taken by a folder or another non-file; not replaced"
+    return None
+
+
+def finished(out_dir: Path, src: Path) -> bool:
+    """``src``'s output exists as a regular file (a resumed run skips it); a link does not count."""
+    out = out_dir / output_name(src)
+    return out.is_file() and not out.is_symlink()
+
+
+def check_paths_folder(out_dir: Path) -> None:
+    """Refuse, before any work, a symbolic link planted at ``<out>/paths`` or a folder under it
+    (--save-paths would write through it, outside the output folder)."""
+    for d in (out_dir / "paths", *(out_dir / "paths" / part for part in PATH_PARTS)):
+        if d.is_symlink():
+            raise ValueError(f"{d}: is a symbolic link; --save-paths does not write through links "
+                             "(remove it or choose another --out)")
 
 
 def first_stage(ckpt: str | Path, cfg, train_cfg) -> Path:
@@ -110,18 +147,27 @@ def check_output_names(jobs: list[Path]) -> None:
         seen[name] = p
 
 
+PATH_PARTS = ("global", "local", "fused")
+
+
 def write_result(out_dir: Path, im, res, output_mode: str, derivation: str, save_paths: bool) -> None:
-    """One image's outputs: the PNG (16-bit for a deeper input), a derived DICOM for a DICOM input,
-    and with ``save_paths`` the global / local / fused images under ``paths/``."""
+    """One image's outputs: the image in its input's format (16-bit for a deeper input; a PNG for
+    DICOM and JPEG inputs, :func:`data.io.output_name`), a derived DICOM for a DICOM input, and with
+    ``save_paths`` the global / local / fused images under ``paths/``. The image comes last: its
+    presence marks the source as done for a resumed run.
+
+    Raises:
+        ImageError: a write failed (its ``disk_full`` says whether later writes can succeed).
+    """
     src = Path(im.path)
     if im.dicom is not None:
-        write_dicom(out_dir / src.name, res.soft, im, subtraction=output_mode == "native_residual",
+        write_dicom(out_dir / dicom_output_name(src), res.soft, im, subtraction=output_mode == "native_residual",
                     derivation=derivation)
     if save_paths:
-        for part, img in (("global", res.global_img), ("local", res.local_img), ("fused", res.fused)):
+        for part, img in zip(PATH_PARTS, (res.global_img, res.local_img, res.fused)):
             if img is not None:
-                write_png(out_dir / "paths" / part / output_name(src), img)
-    write_png(out_dir / output_name(src), res.soft, bit_depth=16 if im.bit_depth > 8 else 8, inputs=(src,))
+                write_image(out_dir / "paths" / part / output_name(src), img)
+    write_image(out_dir / output_name(src), res.soft, bit_depth=16 if im.bit_depth > 8 else 8, inputs=(src,))
 
 
 def merge_counts(parts: list[dict]) -> dict:
@@ -129,6 +175,8 @@ def merge_counts(parts: list[dict]) -> dict:
     return {"images": sum(c["images"] for c in parts), "written": sum(c["written"] for c in parts),
             "skipped_existing": sum(c["skipped_existing"] for c in parts),
             "failures": [f for c in parts for f in c["failures"]],
+            "not_processed": sum(c["not_processed"] for c in parts),
+            "stopped": next((c["stopped"] for c in parts if c["stopped"]), None),
             "seconds": {k: sum(c["seconds"][k] for c in parts) for k in parts[0]["seconds"]}}
 
 
@@ -160,6 +208,8 @@ def main(cfg, ckpt: str | Path, split: str | None = "test", input_dir: str | Non
     if out_dir.exists() and out_dir.resolve() == jobs[0].parent.resolve():
         raise ValueError(f"{out_dir}: the output folder is the input folder; choose another --out")
     require_writable(out_dir)
+    if save_paths:
+        check_paths_folder(out_dir)
     unet, train_cfg = load_ldm(ckpt, device, weights)
     vqgan, _ = load_vqgan(first_stage(ckpt, cfg, train_cfg), device)
     unet, vqgan, arithmetic = prepare_for_inference(unet, vqgan, cfg.inference, device)
@@ -171,14 +221,21 @@ def main(cfg, ckpt: str | Path, split: str | None = "test", input_dir: str | Non
     auto = gl.enabled and gl.masks == "auto"
     mask_dir = Path(masks_dir) if masks_dir else (Path(cfg.data.root) / MASK if input_dir is None else None)
     jobs = jobs[info.rank::info.world_size]          # this process's share (all of it on one process)
-    skipped = [p for p in jobs if not overwrite and (out_dir / output_name(p)).is_file()]
-    jobs = [p for p in jobs if p not in skipped]
-    failures, done = [], 0
+    failures, done, stopped = [], 0, None
+    for path in jobs:                                # outputs that cannot be written fail before any work
+        why = blocked_output(out_dir, path, save_paths)
+        if why:
+            failures.append({"name": path.name, "error": why})
+            print(f"ldm_eval.py: {why}", file=sys.stderr)
+    blocked = {f["name"] for f in failures}
+    skipped = [p for p in jobs if p.name not in blocked and not overwrite and finished(out_dir, p)]
+    jobs = [p for p in jobs if p.name not in blocked and p not in skipped]
     derivation = (f"Bone suppression by {'GL-LCM global-local' if gl.enabled else 'latent diffusion'} sampling "
                   f"({cfg.sampler.name}, {cfg.sampler.steps} steps) of {Path(ckpt).name}; output "
                   f"{cfg.output.mode}; research use, not for diagnosis")
     bar = tqdm(total=len(jobs), desc=f"bone suppression{f' (rank {info.rank})' if info.distributed else ''}",
                disable=not progress, position=info.rank)
+    processed = 0
     for start in range(0, len(jobs), batch_size):
         batch = []
         for path in jobs[start:start + batch_size]:
@@ -190,18 +247,28 @@ def main(cfg, ckpt: str | Path, split: str | None = "test", input_dir: str | Non
                 msg = naming_file(path, e)
                 failures.append({"name": path.name, "error": msg})
                 print(f"ldm_eval.py: {msg}", file=sys.stderr)
+        processed += len(jobs[start:start + batch_size])
         bar.update(len(jobs[start:start + batch_size]) - len(batch))
         if not batch:
             continue
         results = suppressor([im.pixels for im, _ in batch], [m for _, m in batch],
                              [Path(im.path).name for im, _ in batch], progress=progress)
         for (im, _), res in zip(batch, results):
-            write_result(out_dir, im, res, cfg.output.mode, derivation, save_paths)
-            done += 1
+            try:
+                write_result(out_dir, im, res, cfg.output.mode, derivation, save_paths)
+                done += 1
+            except ImageError as e:              # this image's failure: the others go on
+                failures.append({"name": Path(im.path).name, "error": str(e)})
+                print(f"ldm_eval.py: {e}", file=sys.stderr)
+                if e.disk_full:                  # ... unless no write can succeed any more
+                    stopped = f"disk full: {e}"
         bar.update(len(batch))
+        if stopped:
+            break
     bar.close()
-    counts = {"images": len(jobs) + len(skipped), "written": done, "skipped_existing": len(skipped),
-              "failures": failures, "seconds": dict(suppressor.times)}
+    counts = {"images": len(jobs) + len(skipped) + len(blocked), "written": done, "skipped_existing": len(skipped),
+              "failures": failures, "not_processed": len(jobs) - processed, "stopped": stopped,
+              "seconds": dict(suppressor.times)}
     if info.distributed:                           # one summary for the whole run
         parts: list = [None] * info.world_size
         torch.distributed.all_gather_object(parts, counts)
@@ -210,7 +277,8 @@ def main(cfg, ckpt: str | Path, split: str | None = "test", input_dir: str | Non
     done, failures, skipped_n = counts["written"], counts["failures"], counts["skipped_existing"]
     per = {k: v / max(done, 1) for k, v in counts["seconds"].items()}
     summary = {"checkpoint": str(ckpt), "weights": weights, "images": counts["images"], "written": done,
-               "skipped_existing": skipped_n, "failures": failures, "processes": info.world_size,
+               "skipped_existing": skipped_n, "failures": failures, "not_processed": counts["not_processed"],
+               "stopped": counts["stopped"], "processes": info.world_size,
                "sampler": {"name": cfg.sampler.name, "steps": cfg.sampler.steps, "clip": cfg.sampler.clip,
                            "r0_global": cfg.sampler.clip_r0_global, "r0_local": cfg.sampler.clip_r0_local,
                            "kappa": cfg.sampler.clip_kappa, "seed": cfg.sampler.seed},
@@ -221,13 +289,40 @@ def main(cfg, ckpt: str | Path, split: str | None = "test", input_dir: str | Non
     if not info.is_main:
         return summary
     if done or not skipped_n:   # a run that only found finished outputs keeps the timing of the run that made them
-        atomic_write_text(out_dir / "timing.json", json.dumps(summary, indent=2) + "\n")
+        write_summary(out_dir / "timing.json", summary)
+    left = f", {summary['not_processed']} not processed" if summary["not_processed"] else ""
     print(f"{done} of {counts['images'] - skipped_n} images written, {skipped_n} already done, {len(failures)} failed"
+          f"{left}"
           f"{f' ({info.world_size} processes)' if info.distributed else ''} -> {out_dir}"
           f" | s/image: encode {per['encode']:.3f}, sample {per['sample']:.3f} ({cfg.sampler.name} x"
           f"{cfg.sampler.steps}, {'global+local' if gl.enabled else 'global'}), decode {per['decode']:.3f}, "
           f"fusion {per['fusion']:.3f}")
+    if summary["stopped"]:
+        print(f"ldm_eval.py: stopped, {summary['stopped']}; the {done} outputs written are kept. Free space and "
+              "run the same command again: finished outputs are skipped", file=sys.stderr)
     return summary
+
+
+def write_summary(path: Path, summary: dict) -> None:
+    """``timing.json``; a run stopped by a full disk may not manage it either: it says so in one line and
+    records the stop in the summary it returns (the outputs already written stay)."""
+    try:
+        atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
+    except OSError as e:
+        print(f"ldm_eval.py: {path}: not written ({e.strerror or e})", file=sys.stderr)
+        summary["stopped"] = summary["stopped"] or f"{path}: not written ({e.strerror or e})"
+
+
+def exit_status(summary: dict, distributed: bool) -> int:
+    """The process's exit status: 3 when the run stopped (full disk), 1 when an image failed, else 0.
+
+    Under ``torchrun`` a failed image gives 0 from every process: the launcher reports any non-zero
+    exit as a crash of the whole job, with its own traceback, while the failures are listed in the
+    final line and in ``timing.json``; a stopped run exits 3 from every process, deliberately.
+    """
+    if summary["stopped"]:
+        return 3
+    return 1 if summary["failures"] and not distributed else 0
 
 
 def positive_int(text: str) -> int:
@@ -323,4 +418,4 @@ if __name__ == "__main__":
     except (ConfigError, CheckpointError, ImageError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    sys.exit(1 if summary["failures"] else 0)
+    sys.exit(exit_status(summary, summary["processes"] > 1))

@@ -11,6 +11,7 @@ that a crash never leaves a half-written image, and they never write onto one of
 """
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import warnings
@@ -26,15 +27,26 @@ from utils.atomic import OverwriteInputError, atomic_write
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom")
 DICOM_EXTENSIONS = (".dcm", ".dicom")
 DEFAULT_MAX_PIXELS = 100_000_000  # 10k x 10k; a decompression-bomb guard, configurable per call
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class ImageError(ValueError):
-    """An image file cannot be used; ``str(err)`` is one line that names the file."""
+    """An image file cannot be used; ``str(err)`` is one line that names the file.
 
-    def __init__(self, path: str | os.PathLike, reason: str):
+    ``errno`` is the operating system's error number when a write failed with one (ENOSPC for a
+    full disk), so that a caller can tell a failure of one file from one that stops every file.
+    """
+
+    def __init__(self, path: str | os.PathLike, reason: str, errno: int | None = None):
         self.path = str(path)
         self.reason = reason
+        self.errno = errno
         super().__init__(f"{self.path}: {reason}")
+
+    @property
+    def disk_full(self) -> bool:
+        """The write failed because the disk (or the user's quota) is full: no later write can succeed."""
+        return self.errno in DISK_FULL
 
 
 @dataclass
@@ -315,7 +327,9 @@ def write_dicom(path: str | os.PathLike, pixels: np.ndarray, like: XrayImage,
     if pixels.shape != like.size:
         raise ImageError(path, f"pixels of shape {pixels.shape} do not match the source size {like.size}")
     src = like.dicom
+    sop_class, _ = _source_uids(like, path)     # before any work: a header without them is refused
     ds = copy.deepcopy(src)
+    ds.SOPClassUID = sop_class
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.set_pixel_data(to_dicom_stored(pixels, like), photometric_interpretation=str(src.PhotometricInterpretation),
                       bits_stored=int(src.get("BitsStored", 8 * like.dicom.pixel_array.dtype.itemsize)))
@@ -335,8 +349,7 @@ def write_dicom(path: str | os.PathLike, pixels: np.ndarray, like: XrayImage,
                                 "diffusion model; research use, not for diagnosis")[:1024]
     ds.ImageComments = "PROCESSED: bone-suppressed soft-tissue image, research use only, not for diagnosis"
     ref = Dataset()
-    ref.ReferencedSOPClassUID = src.SOPClassUID
-    ref.ReferencedSOPInstanceUID = src.SOPInstanceUID
+    ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = _source_uids(like, path)
     ds.SourceImageSequence = [ref]
     if subtraction:
         code = Dataset()
@@ -345,6 +358,26 @@ def write_dicom(path: str | os.PathLike, pixels: np.ndarray, like: XrayImage,
     elif "DerivationCodeSequence" in ds:
         del ds.DerivationCodeSequence
     _write_checked(path, lambda tmp: pydicom.dcmwrite(tmp, ds, enforce_file_format=True), like.path)
+
+
+def _source_uids(like: XrayImage, path: str | os.PathLike) -> tuple[str, str]:
+    """The source's SOP Class and SOP Instance UIDs, which the derived image copies and points at:
+    from the dataset, else from its file meta information (Media Storage SOP Class / Instance UID).
+
+    Raises:
+        ImageError: naming the output and the missing attribute (the source is not a complete
+            DICOM instance; its PNG output is unaffected).
+    """
+    src, meta = like.dicom, getattr(like.dicom, "file_meta", None)
+    found = []
+    for own, stored in (("SOPClassUID", "MediaStorageSOPClassUID"),
+                        ("SOPInstanceUID", "MediaStorageSOPInstanceUID")):
+        uid = src.get(own) or (meta.get(stored) if meta is not None else None)
+        if not uid:
+            raise ImageError(path, f"derived DICOM not written: the source {like.path} has no {own} "
+                             f"(nor {stored} in its file meta information)")
+        found.append(str(uid))
+    return found[0], found[1]
 
 
 # ------------------------------------------------------------------------------------------- PNG
@@ -368,6 +401,13 @@ def write_png(path: str | os.PathLike, pixels: np.ndarray, bit_depth: int | None
         bit_depth: 8 or 16 for float input; must agree with the dtype of integer input.
         inputs: paths this output must never overwrite (the images it was computed from).
     """
+    # Pillow writes "I;16" as a 16-bit grayscale PNG; "L" as 8-bit.
+    im = Image.fromarray(_gray_array(path, pixels, bit_depth))
+    _write_checked(path, lambda tmp: im.save(tmp, format="PNG"), *inputs)
+
+
+def _gray_array(path: str | os.PathLike, pixels: np.ndarray, bit_depth: int | None) -> np.ndarray:
+    """The uint8 / little-endian uint16 array a writer saves (see :func:`write_png` for the rules)."""
     arr = np.asarray(pixels)
     if arr.ndim != 2:
         raise ValueError(f"{path}: expected a (H, W) array, got shape {arr.shape}")
@@ -383,16 +423,76 @@ def write_png(path: str | os.PathLike, pixels: np.ndarray, bit_depth: int | None
         arr = to_uint(arr, bit_depth or 8)
     else:
         raise ValueError(f"{path}: unsupported pixel dtype {arr.dtype}")
-    # Pillow writes "I;16" as a 16-bit grayscale PNG; "L" as 8-bit.
-    im = Image.fromarray(arr if arr.dtype == np.uint8 else arr.astype("<u2"))
-    _write_checked(path, lambda tmp: im.save(tmp, format="PNG"), *inputs)
+    return arr if arr.dtype == np.uint8 else arr.astype("<u2")
+
+
+# Output formats by input format: the output's name and content always agree. PNG and TIFF inputs get
+# their own name and format (both lossless, 8 or 16 bits); JPEG inputs a PNG (a second lossy
+# compression would add its artefacts to the result, and JPEG has no 16 bits); DICOM inputs a PNG
+# (ldm_eval.py also writes a derived DICOM beside it).
+TIFF_EXTENSIONS = (".tif", ".tiff")
+SAME_FORMAT_EXTENSIONS = (".png", *TIFF_EXTENSIONS)
+
+
+def output_name(path: str | os.PathLike) -> str:
+    """The name of the image an evaluation writes for input ``path``: the same name for PNG and TIFF
+    inputs (written in that format), ``<stem>.png`` for JPEG and DICOM inputs."""
+    p = Path(path)
+    return p.name if p.suffix.lower() in SAME_FORMAT_EXTENSIONS else p.stem + ".png"
+
+
+def write_image(path: str | os.PathLike, pixels: np.ndarray, bit_depth: int | None = None,
+                inputs: tuple[str | os.PathLike, ...] = ()) -> None:
+    """Write a grayscale image in the format its name says: TIFF for ``.tif``/``.tiff``, PNG for
+    ``.png`` (same arguments as :func:`write_png`); any other name is refused, so that a name never
+    announces a format its bytes are not in.
+
+    Raises:
+        ImageError: a name of another format, or the write failed.
+    """
+    suffix = Path(path).suffix.lower()
+    if suffix == ".png":
+        write_png(path, pixels, bit_depth, inputs)
+    elif suffix in TIFF_EXTENSIONS:
+        write_tiff(path, pixels, bit_depth, inputs)
+    else:
+        raise ImageError(path, f"cannot write an image named {suffix or 'without extension'}: "
+                         "outputs are PNG (.png) or TIFF (.tif, .tiff)")
+
+
+def write_tiff(path: str | os.PathLike, pixels: np.ndarray, bit_depth: int | None = None,
+               inputs: tuple[str | os.PathLike, ...] = ()) -> None:
+    """Write an uncompressed grayscale TIFF (8 or 16 bits) atomically; arguments as :func:`write_png`."""
+    im = Image.fromarray(_gray_array(path, pixels, bit_depth))
+    _write_checked(path, lambda tmp: im.save(tmp, format="TIFF"), *inputs)
 
 
 def _write_checked(path: str | os.PathLike, write: Callable[[str], Any], *inputs: str | os.PathLike) -> None:
-    """Atomic write whose failures are :class:`ImageError` naming the output file."""
+    """Atomic write whose failures are :class:`ImageError` naming the output file, in one line.
+
+    Any failure of the writer becomes one: an image failure must stay that image's (a batch goes
+    on), and a message must stay one line, while pydicom re-raises an error inside an element as
+    the same type with a whole traceback in its message. The operating-system error underneath,
+    found through the exception chain, gives the reason and ``errno`` (a full disk stops a batch).
+    """
     try:
         atomic_write(path, write, *inputs)
     except OverwriteInputError:
         raise ImageError(path, "refusing to overwrite an input file with an output") from None
-    except OSError as e:   # read-only or full disk, a file where a folder should be, ...
-        raise ImageError(path, f"cannot write ({e.strerror or e})") from None
+    except Exception as e:   # read-only or full disk, a folder at the name, a header pydicom cannot write
+        cause = _os_cause(e)
+        if cause is not None and cause.strerror:
+            raise ImageError(path, f"cannot write ({cause.strerror})", errno=cause.errno) from None
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise ImageError(path, f"cannot write ({type(e).__name__}: {first_line})") from None
+
+
+def _os_cause(err: BaseException) -> OSError | None:
+    """The first OSError with an error number in ``err``'s chain (itself, its cause, its context)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno is not None:
+            return err
+        err = err.__cause__ or err.__context__
+    return None

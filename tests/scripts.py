@@ -9,7 +9,7 @@ from tests.conftest import ROOT, write_gray
 from utils.config import load_config
 from utils.scripts import load_script
 
-__all__ = ["load_script", "tiny_dataset", "smoke_config"]
+__all__ = ["load_script", "tiny_dataset", "smoke_config", "untrained_ldm"]
 
 
 def tiny_dataset(root: Path, n: int = 12, size: int = 40, seed: int = 0) -> Path:
@@ -36,3 +36,28 @@ def tiny_dataset(root: Path, n: int = 12, size: int = 40, seed: int = 0) -> Path
 def smoke_config(data_root: Path, out_dir: Path, *overrides: str):
     return load_config([ROOT / "configs" / "demo.yaml", ROOT / "configs" / "smoke.yaml"],
                        [f"data.root={data_root}", f"run.out_dir={out_dir}", *overrides])
+
+
+def untrained_ldm(folder: Path, data_root: Path, *overrides: str) -> Path:
+    """A stage-2 checkpoint and its VQGAN (``folder/vqgan/best.pt``) built from the smoke config with
+    seeded random weights, without training: for the tests of what happens around the model (writes,
+    names, paths), where the pixels do not matter. Returns the stage-2 checkpoint's path."""
+    import torch
+
+    from models import build_unet, build_vqgan
+    from utils.checkpoint import save_checkpoint
+    from utils.config import config_to_dict
+
+    torch.manual_seed(0)
+    cfg = smoke_config(data_root, folder, *overrides)
+    vq_path = folder / "vqgan" / "best.pt"
+    vqgan = build_vqgan(cfg.vqgan)
+    save_checkpoint(vq_path, kind="vqgan", step=0, epoch=0, config=config_to_dict(cfg),
+                    state={"model": vqgan.state_dict()})
+    cfg.ldm_train.vqgan_ckpt = str(vq_path)
+    latent = cfg.data.image_size // vqgan.downsample_factor
+    unet = build_unet(cfg.unet, image_size=latent).state_dict()
+    path = folder / "ldm" / "checkpoints" / "best.pt"
+    save_checkpoint(path, kind="ldm", step=0, epoch=0, config=config_to_dict(cfg), state={"unet": unet, "ema": unet},
+                    extra={"latent_size": latent})
+    return path

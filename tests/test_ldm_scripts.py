@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from data.io import read_image
-from tests.conftest import ROOT
-from tests.scripts import load_script, smoke_config, tiny_dataset
+from tests.conftest import ROOT, write_gray
+from tests.scripts import load_script, smoke_config, tiny_dataset, untrained_ldm
 from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.config import ConfigError, config_from_dict
 
@@ -360,3 +360,91 @@ def test_moved_run_tree_finds_its_first_stage_from_anywhere(stage1, tmp_path, mo
     cfg = ldm_eval.config_for(ldm_eval.build_parser().parse_args(["--ckpt", str(ckpt)]))
     summary = ldm_eval.main(cfg, ckpt, out_dir=tmp_path / "out", masks_dir=str(root / "Mask"), progress=False)
     assert summary["written"] > 0 and not summary["failures"]
+
+
+# ---- round 3, part B: one image's failure stays that image's ----------------------------------------
+
+def _folder_of_images(folder: Path, names, size: int = 40) -> Path:
+    """Smooth random 8-bit images under ``names`` (the pixels do not matter here)."""
+    rng = np.random.default_rng(1)
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        write_gray(folder / n, rng.integers(0, 256, (size, size), dtype=np.uint8))
+    return folder
+
+
+def _dicom_without_sop_class(path: Path) -> Path:
+    """CT_small.dcm with neither SOPClassUID nor the file meta's MediaStorageSOPClassUID."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    del ds.SOPClassUID
+    del ds.file_meta.MediaStorageSOPClassUID
+    ds.save_as(path, enforce_file_format=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def untrained(tmp_path_factory):
+    """A stage-2 checkpoint with random weights (no training), for the tests around the model."""
+    base = tmp_path_factory.mktemp("untrained")
+    return untrained_ldm(base, base / "no-data")
+
+
+EVAL_FAST = ["--global-only", "--no-progress", "--steps", "1"]
+
+
+def test_a_failed_write_fails_that_image_only(untrained, tmp_path):
+    """Before: a DICOM without SOPClassUID (AttributeError traceback) or a folder at an output's name
+    aborted the run: later images never processed, no timing.json. Now each is that image's failure,
+    a symbolic link at an output's name is not taken for a finished output, the summary is written."""
+    folder = _folder_of_images(tmp_path / "in", ["a.png", "c.png", "d.png", "e.png"])
+    _dicom_without_sop_class(folder / "b.dcm")
+    out = tmp_path / "out"
+    (out / "c.png").mkdir(parents=True)                             # a folder at an output's name
+    (tmp_path / "elsewhere.png").write_bytes(b"not ours")
+    (out / "d.png").symlink_to(tmp_path / "elsewhere.png")         # a link at an output's name
+    res = subprocess.run([sys.executable, "ldm_eval.py", "--ckpt", str(untrained), "--input", str(folder),
+                          "--out", str(out), *EVAL_FAST], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert "2 of 5 images written, 0 already done, 3 failed" in res.stdout, res.stdout
+    assert f"{out / 'b.dcm'}: derived DICOM not written: the source {folder / 'b.dcm'} has no SOPClassUID" in res.stderr
+    assert f"{out / 'c.png'}: the output's name is taken by a folder" in res.stderr
+    assert f"{out / 'd.png'}: the output's name is a symbolic link" in res.stderr
+    assert all(len(line.strip()) and "\n" not in line for line in res.stderr.splitlines())
+    assert (out / "a.png").is_file() and (out / "e.png").is_file() and not (out / "b.png").exists()
+    assert (tmp_path / "elsewhere.png").read_bytes() == b"not ours" and (out / "c.png").is_dir()
+    timing = json.loads((out / "timing.json").read_text())
+    assert timing["written"] == 2 and sorted(f["name"] for f in timing["failures"]) == ["b.dcm", "c.png", "d.png"]
+
+
+def test_a_full_disk_stops_cleanly_keeping_what_was_written(untrained, tmp_path, monkeypatch):
+    """ENOSPC on the third image: the two written stay and are counted, the rest is not processed, the
+    summary says why in one line, timing.json is written, the exit status is 3."""
+    import errno
+
+    import data.io
+
+    folder = _folder_of_images(tmp_path / "in", [f"x{i}.png" for i in range(6)])
+    real, calls = data.io.atomic_write, []
+
+    def filling_disk(path, write, *inputs):
+        calls.append(path)
+        if len(calls) > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, write, *inputs)
+
+    monkeypatch.setattr(data.io, "atomic_write", filling_disk)
+    cfg = ldm_eval.config_for(ldm_eval.build_parser().parse_args(["--ckpt", str(untrained), *EVAL_FAST[:1]]))
+    summary = ldm_eval.main(cfg, untrained, input_dir=folder, out_dir=tmp_path / "out", batch_size=1, progress=False)
+    assert summary["written"] == 2 and summary["not_processed"] == 3 and len(summary["failures"]) == 1
+    assert summary["stopped"] == f"disk full: {tmp_path / 'out' / 'x2.png'}: cannot write (No space left on device)"
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["x0.png", "x1.png"]
+    assert json.loads((tmp_path / "out" / "timing.json").read_text())["stopped"] == summary["stopped"]
+    assert ldm_eval.exit_status(summary, distributed=False) == ldm_eval.exit_status(summary, distributed=True) == 3
+    # resumed after freeing space: the two are skipped, the rest written
+    monkeypatch.setattr(data.io, "atomic_write", real)
+    again = ldm_eval.main(cfg, untrained, input_dir=folder, out_dir=tmp_path / "out", progress=False)
+    assert (again["written"], again["skipped_existing"], again["stopped"]) == (4, 2, None)
