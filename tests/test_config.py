@@ -208,3 +208,122 @@ def test_duplicate_yaml_keys_are_refused(tmp_path):
     (tmp_path / "d.yaml").write_text("ldm_train:\n  epochs: 3\n  lr: 1.0e-4\n  epochs: 4\n")
     with pytest.raises(ConfigError, match="d.yaml: invalid YAML \\(duplicate key 'epochs'.*line 4"):
         load_config([tmp_path / "d.yaml"])
+
+
+# ---- round 3: non-finite floats, ranges of every float key, alias bombs ---------------------------
+
+def _float_keys() -> list[str]:
+    """Every float (or list-of-float) key of the schema, dotted."""
+    import typing
+
+    def walk(cls, prefix):
+        for name, tp in typing.get_type_hints(cls).items():
+            if dataclasses.is_dataclass(tp):
+                yield from walk(tp, f"{prefix}{name}.")
+            elif tp is float or typing.get_args(tp) == (float,):
+                yield f"{prefix}{name}"
+    return list(walk(Config, ""))
+
+
+@pytest.mark.parametrize("value", [".nan", "nan", ".inf", "-.inf", "1e400", "-1e999"])
+def test_every_float_key_refuses_non_finite_values(value):
+    """``--set sampler.clip_kappa=nan`` sampled black images with exit 0; now each float key refuses it."""
+    from utils.config import RANGES
+
+    keys = _float_keys()
+    assert "sampler.clip_kappa" in keys and "data.split.ratios" in keys and len(keys) > 40
+    for key in keys:
+        assert key in RANGES, f"{key} has no range"
+        item = f"{key}=[{value}, {value}]" if "list" in str(_field_type(key)) else f"{key}={value}"
+        with pytest.raises(ConfigError, match=f"key '{key}(\\[0\\])?' must be a finite number") as err:
+            load_config([], [item])
+        assert str(err.value).count("\n") == 0
+
+
+def _field_type(dotted: str):
+    import typing
+
+    cls = Config
+    *sections, name = dotted.split(".")
+    for s in sections:
+        cls = typing.get_type_hints(cls)[s]
+    return typing.get_type_hints(cls)[name]
+
+
+@pytest.mark.parametrize("item,needle", [
+    ("sampler.clip_kappa=-0.1", "'sampler.clip_kappa' must be >= 0, got -0.1"),
+    ("sampler.clip_r0_global=0", "'sampler.clip_r0_global' must be > 0, got 0.0"),
+    ("sampler.clip_r0_local=-3", "'sampler.clip_r0_local' must be > 0, got -3.0"),
+    ("sampler.eta=1.5", "'sampler.eta' must be <= 1, got 1.5"),
+    ("ldm_train.ema_decay=1.01", "'ldm_train.ema_decay' must be <= 1, got 1.01"),
+    ("ldm_train.lr=0", "'ldm_train.lr' must be > 0, got 0.0"),
+    ("vq_train.betas=[0.9, 2]", "'vq_train.betas[1]' must be <= 1, got 2.0"),
+    ("data.split.ratios=[0.8, -0.1, 0.3]", "'data.split.ratios[1]' must be >= 0, got -0.1"),
+])
+def test_float_keys_out_of_range_are_refused(item, needle):
+    with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+        load_config([ROOT / "configs" / "demo.yaml"], [item])
+
+
+def test_non_finite_value_in_a_file_and_a_checkpoint_config(tmp_path):
+    (tmp_path / "n.yaml").write_text("sampler:\n  clip_kappa: .nan\n")
+    with pytest.raises(ConfigError, match="n.yaml: key 'sampler.clip_kappa' must be a finite number, got nan"):
+        load_config([tmp_path / "n.yaml"])
+    bad = config_to_dict(Config())
+    bad["sampler"]["clip_r0_local"] = float("inf")
+    with pytest.raises(ConfigError, match="ckpt.pt \\(config\\): key 'sampler.clip_r0_local' must be a finite"):
+        config_from_dict(bad, "ckpt.pt (config)")
+
+
+def _alias_bomb(levels: int = 10) -> str:
+    """``vqgan.channels`` holding 10**levels elements through nested aliases (a few hundred bytes)."""
+    rows = ["  - &l0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    rows += [f"  - &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return "vqgan:\n  channels:\n" + "\n".join(rows) + "\n"
+
+
+def test_yaml_alias_bomb_fails_fast_naming_the_file(tmp_path):
+    """The bomb's error message used to repr the expanded value: 53 s, 2.8 GB, MemoryError."""
+    import time
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(_alias_bomb())
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError) as err:
+        load_config([bomb])
+    assert time.perf_counter() - t0 < 2.0
+    msg = str(err.value)
+    assert msg.startswith(f"{bomb}: invalid YAML (aliases expand to more than") and len(msg) < 400, msg
+    # The same through --set, and a recursive alias.
+    with pytest.raises(ConfigError, match="aliases expand to more than"):
+        load_config([], ["vqgan.channels=" + "[" + _alias_bomb().split("channels:\n", 1)[1].replace("\n  - ", ", ")
+                         .replace("  - ", "", 1).strip() + "]"])
+    (tmp_path / "loop.yaml").write_text("vqgan:\n  channels: &a [1, *a]\n")
+    with pytest.raises(ConfigError, match="loop.yaml: invalid YAML \\(a recursive alias"):
+        load_config([tmp_path / "loop.yaml"])
+    # A few aliases within the budget still work (anchors are ordinary YAML).
+    (tmp_path / "ok.yaml").write_text("vq_train:\n  lr_g: &lr 2.0e-4\nldm_train:\n  lr: *lr\n")
+    cfg = load_config([tmp_path / "ok.yaml"])
+    assert cfg.vq_train.lr_g == cfg.ldm_train.lr == 2.0e-4
+
+
+def test_wrong_values_are_never_printed_whole(tmp_path):
+    """A wrong-typed value within the budget, a long string, a deep nesting: short messages, no traceback."""
+    (tmp_path / "big.yaml").write_text("vqgan:\n  channels: [[" + ", ".join(["7"] * 5000) + "]]\n")
+    with pytest.raises(ConfigError) as err:
+        load_config([tmp_path / "big.yaml"])
+    assert "expected int, got [7, 7, 7, 7, 7, 7, ...] (list)" in str(err.value) and len(str(err.value)) < 300
+    (tmp_path / "long.yaml").write_text("run:\n  name: [" + "x" * 200_000 + "]\n")
+    with pytest.raises(ConfigError) as err:
+        load_config([tmp_path / "long.yaml"])
+    assert len(str(err.value)) < 300
+    (tmp_path / "key.yaml").write_text("run:\n  " + "k" * 1000 + ": 1\n")
+    with pytest.raises(ConfigError, match="unknown key 'run.kkk") as err:
+        load_config([tmp_path / "key.yaml"])
+    assert len(str(err.value)) < 300
+    (tmp_path / "deep.yaml").write_text("vqgan:\n  channels: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ConfigError, match="deep.yaml: invalid YAML \\(nested too deeply"):
+        load_config([tmp_path / "deep.yaml"])
+    (tmp_path / "huge.yaml").write_text("# " + "x" * (2 << 20) + "\n")
+    with pytest.raises(ConfigError, match="huge.yaml: .* bytes, not a config file"):
+        load_config([tmp_path / "huge.yaml"])

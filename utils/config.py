@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -297,10 +299,22 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 2, 60, 60, 40
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 6
+
+
+def short(value: Any) -> str:
+    """``repr(value)`` cut to a few elements and characters: an error message never prints a value whole
+    (a YAML alias bomb is a few lines of text but a huge object; ``repr`` of it ran out of memory)."""
+    text = _REPR.repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
 def _coerce(value: Any, tp: Any, source: str, key: str) -> Any:
     """Check ``value`` of ``key`` against the annotation ``tp``; return it (ints widened to float)."""
     origin = typing.get_origin(tp)
-    bad = ConfigError(f"{source}: key '{key}': expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    bad = ConfigError(f"{source}: key '{key}': expected {_type_name(tp)}, got {short(value)} ({type(value).__name__})")
     if origin is Literal:
         if value not in typing.get_args(tp):
             raise bad
@@ -324,21 +338,36 @@ def _coerce(value: Any, tp: Any, source: str, key: str) -> Any:
             raise bad
         return value
     if tp is float:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                raise bad from None
-        raise bad
+        return _finite(_as_float(value, bad), source, key)
     if tp is str:
         if not isinstance(value, str):
             raise bad
         return value
     raise ConfigError(f"{source}: key '{key}': unsupported field type {tp!r}")  # pragma: no cover - schema bug
+
+
+def _as_float(value: Any, bad: ConfigError) -> float:
+    if isinstance(value, bool):
+        raise bad
+    if isinstance(value, (int, float)):
+        try:
+            return float(value)
+        except OverflowError:     # an int beyond float range (10**400)
+            return math.inf
+    if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise bad from None
+    raise bad
+
+
+def _finite(value: float, source: str, key: str) -> float:
+    """Every float key must be finite: NaN passes every ``<``/``>`` test, so a range check alone lets it
+    through (``sampler.clip_kappa=nan`` sampled all-black images and wrote NaN into timing.json)."""
+    if not math.isfinite(value):
+        raise ConfigError(f"{source}: key '{key}' must be a finite number, got {value!r}")
+    return value
 
 
 # Bounds of numeric keys, checked wherever a value enters (YAML, --set, a checkpoint's config), so a
@@ -354,29 +383,104 @@ RANGES: dict[str, tuple[float, float | None]] = {
        for k in ("epochs", "batch_size", "val_every", "ckpt_every", "keep_last", "log_every")},
     "sampler.steps": (1, None), "distill.num_ddim_timesteps": (1, None),
     "inference.crop_margin": (0, None),
+    # Float keys (each also finite, see _finite); a list's bounds hold for each of its elements.
+    "data.split.ratios": (0.0, 1.0),
+    "ct.train_rotation": (-180.0, 180.0), "ct.test_rotation": (-180.0, 180.0), "ct.tilt": (-90.0, 90.0),
+    "ct.zoom": (0.1, 10.0), "ct.nodule_radius_mm": (0.0, 100.0),
+    "vqgan.commitment_cost": (0.0, None), "vqgan.decay": (0.0, 1.0), "vqgan.epsilon": (0.0, 1.0),
+    "vq_loss.perceptual_weight": (0.0, None), "vq_loss.adversarial_weight": (0.0, None),
+    "vq_loss.msssim_weight": (0.0, None), "vq_loss.msssim_data_range": (0.0, None),
+    "vq_train.lr_g": (0.0, 1.0), "vq_train.lr_d": (0.0, 1.0), "vq_train.betas": (0.0, 1.0),
+    "vq_train.gamma": (0.0, None), "unet.dropout": (0.0, 1.0),
+    "diffusion.beta_start": (0.0, 1.0), "diffusion.beta_end": (0.0, 1.0), "diffusion.offset_noise": (0.0, 10.0),
+    "ldm_train.lr": (0.0, 1.0), "ldm_train.adam_eps": (0.0, 1.0), "ldm_train.weight_decay": (0.0, None),
+    "ldm_train.gamma": (0.0, None), "ldm_train.ema_decay": (0.0, 1.0),
+    "distill.target_ema": (0.0, 1.0), "distill.huber_c": (0.0, None), "distill.sigma_data": (0.0, None),
+    "distill.timestep_scaling": (0.0, None), "distill.guidance_scale": (0.0, None),
+    "sampler.eta": (0.0, 1.0), "sampler.clip_r0_global": (0.0, None), "sampler.clip_r0_local": (0.0, None),
+    "sampler.clip_kappa": (0.0, None), "global_local.alpha": (0.0, None),
 }
+# Keys whose minimum is excluded (a zero learning rate, clip radius or scale is never meant).
+OPEN_MIN = {"vqgan.epsilon", "vq_loss.msssim_data_range", "vq_train.lr_g", "vq_train.lr_d", "vq_train.gamma",
+            "diffusion.beta_start", "diffusion.beta_end", "ldm_train.lr", "ldm_train.adam_eps", "ldm_train.gamma",
+            "distill.huber_c", "distill.sigma_data", "distill.timestep_scaling",
+            "sampler.clip_r0_global", "sampler.clip_r0_local"}
 
 
 def _check_range(value: Any, source: str, key: str) -> None:
+    """``value`` (or each element of a list) within ``RANGES[key]``; the error names the key and the range."""
     lo, hi = RANGES.get(key, (None, None))
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if lo is not None and value < lo:
-            raise ConfigError(f"{source}: key '{key}' must be >= {lo:g}, got {value!r}")
-        if hi is not None and value > hi:
-            raise ConfigError(f"{source}: key '{key}' must be <= {hi:g}, got {value!r}")
+    for i, v in enumerate(value) if isinstance(value, list) else ((None, value),):
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        where = key if i is None else f"{key}[{i}]"
+        if lo is not None and (v < lo or (key in OPEN_MIN and v == lo)):
+            raise ConfigError(f"{source}: key '{where}' must be {'>' if key in OPEN_MIN else '>='} {lo:g}, "
+                              f"got {short(v)}")
+        if hi is not None and v > hi:
+            raise ConfigError(f"{source}: key '{where}' must be <= {hi:g}, got {short(v)}")
+
+
+MAX_YAML_VALUES = 10_000        # a whole config has a few hundred; aliases may not expand beyond this
+MAX_CONFIG_BYTES = 1 << 20
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses a mapping with the same key twice (PyYAML keeps the last silently)."""
+    """yaml.SafeLoader that refuses a mapping with the same key twice (PyYAML keeps the last silently)
+    and a document whose aliases expand to more than :data:`MAX_YAML_VALUES` values (an alias bomb: a
+    few lines that stand for 10**10 values once anything walks them)."""
+
+    def construct_document(self, node):
+        _check_expansion(node)
+        return super().construct_document(node)
 
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}'", key_node.start_mark)
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {short(key)}",
+                                                        key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep)
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Refuse a composed YAML document that stands for more than MAX_YAML_VALUES nodes with every alias
+    expanded, or that holds a recursive alias. Sizes are memoised per node, so this costs one visit of
+    each written node however far the aliases multiply them."""
+    sizes: dict[int, int] = {}
+    busy: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in busy:
+            raise yaml.composer.ComposerError(None, None, "a recursive alias (refers to itself)", node.start_mark)
+        busy.add(key)
+        if isinstance(node, yaml.MappingNode):
+            n = 1 + sum(size(k) + size(v) for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            n = 1 + sum(size(v) for v in node.value)
+        else:
+            n = 1
+        busy.discard(key)
+        if n > MAX_YAML_VALUES:
+            raise yaml.composer.ComposerError(None, None, f"aliases expand to more than {MAX_YAML_VALUES} values "
+                                              "(an alias bomb?)", node.start_mark)
+        sizes[key] = n
+        return n
+
+    size(root)
+
+
+def _yaml_load(text: str) -> Any:
+    """Parse config YAML with the guarded loader; a nesting beyond Python's recursion limit is a YAML error."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply") from None
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _UniqueKeyLoader.construct_mapping)
@@ -395,9 +499,10 @@ def _merge(cls: type, base: dict, new: Any, source: str, prefix: str = "") -> No
     for key, value in new.items():
         dotted = f"{prefix}{key}"
         if key not in hints:
-            close = difflib.get_close_matches(str(key), list(hints), n=1)
+            close = difflib.get_close_matches(str(key)[:100], list(hints), n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            raise ConfigError(f"{source}: unknown key '{dotted}'{hint}")
+            name = str(key) if len(str(key)) <= 80 else str(key)[:77] + "..."
+            raise ConfigError(f"{source}: unknown key '{prefix}{name}'{hint}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             _merge(tp, base[key], value, source, dotted + ".")
@@ -423,9 +528,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not key:
         raise ConfigError(f"--set {item}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"--set {item}: value is not valid YAML ({e.__class__.__name__})") from None
+        raise ConfigError(f"--set {short(item)}: value is not valid YAML ({' '.join(str(e).split())})") from None
     return key.split("."), value
 
 
@@ -447,13 +552,15 @@ def _merge_file(values: dict, p: Path, overlays: tuple[Path, ...]) -> None:
     """Merge the YAML file ``p`` into ``values``, after its ``base`` file if it names one;
     ``overlays`` are the files that named ``p`` as their base (a cycle is refused)."""
     try:
+        if p.is_file() and p.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{p}: {p.stat().st_size} bytes, not a config file (at most {MAX_CONFIG_BYTES})")
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{p}: config file not found") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{p}: cannot read config file ({e})") from None
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)
+        data = _yaml_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: invalid YAML ({' '.join(str(e).split())})") from None
     if data is None:
@@ -463,7 +570,7 @@ def _merge_file(values: dict, p: Path, overlays: tuple[Path, ...]) -> None:
         base = data.pop("base")
         if not isinstance(base, str) or not base.strip():
             raise ConfigError(f"{p}: key 'base': expected the file name of the config this one overlays, "
-                              f"got {base!r}")
+                              f"got {short(base)}")
         base_path = p.parent / base
         if base_path.resolve() in {q.resolve() for q in (p, *overlays)}:
             chain = " -> ".join(str(q) for q in (*overlays, p, base_path))
