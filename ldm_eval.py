@@ -49,13 +49,14 @@ import torch
 from tqdm import tqdm
 
 from data.datasets import CXR, MASK, split_list
-from data.io import DICOM_EXTENSIONS, ImageError, input_images, output_name, read_image, write_dicom, write_image
+from data.io import (DICOM_EXTENSIONS, ImageError, check_output_names, input_images, output_name, read_image,
+                     write_dicom, write_image)
 from data.masking import load_mask
 from models import load_ldm, load_vqgan
 from models.pipeline import BoneSuppressor
 from models.precision import prepare_for_inference
 from models.schedule import build_schedule
-from utils.atomic import atomic_write_text, require_writable
+from utils.atomic import atomic_write_text, refuse_input_folders, require_writable
 from utils.checkpoint import CheckpointError, resolve_first_stage
 from utils.config import Config, ConfigError, config_to_dict
 from utils.dist import cleanup_distributed, setup_distributed
@@ -135,18 +136,6 @@ def first_stage(ckpt: str | Path, cfg, train_cfg) -> Path:
     return resolve_first_stage(ckpt, train_cfg.ldm_train.vqgan_ckpt)
 
 
-def check_output_names(jobs: list[Path]) -> None:
-    """Refuse, before any work, inputs whose outputs would overwrite each other (``x.png`` and ``x.dcm``
-    both give ``x.png``)."""
-    seen: dict[str, Path] = {}
-    for p in jobs:
-        name = output_name(p)
-        if name in seen:
-            raise ValueError(f"{seen[name]} and {p} would both be written as {name}; rename one of them or "
-                             "process them in separate runs")
-        seen[name] = p
-
-
 PATH_PARTS = ("global", "local", "fused")
 
 
@@ -205,8 +194,7 @@ def main(cfg, ckpt: str | Path, split: str | None = "test", input_dir: str | Non
     home = Path(ckpt).resolve().parent          # a run's checkpoints/ folder, or a converted/released model's
     home = home.parent if home.name == "checkpoints" else home
     out_dir = Path(out_dir) if out_dir else home / "eval" / (Path(input_dir).name if input_dir else split)
-    if out_dir.exists() and out_dir.resolve() == jobs[0].parent.resolve():
-        raise ValueError(f"{out_dir}: the output folder is the input folder; choose another --out")
+    refuse_input_folders([out_dir], sorted({p.parent for p in jobs}))
     require_writable(out_dir)
     if save_paths:
         check_paths_folder(out_dir)

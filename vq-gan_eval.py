@@ -8,7 +8,10 @@ Usage:
 Images are reconstructed at their native size: each is padded (edge replication) to a multiple of
 the downsampling factor f, encoded, quantised, decoded and cropped back, then written with the
 source's bit depth under ``--out`` (default ``<run>/eval/<split or folder name>/``), keeping the
-split's sub-folders (CXR/, BS/ ...). ``recon_metrics.csv`` holds per-image PSNR, SSIM and MS-SSIM
+split's sub-folders (CXR/, BS/ ...); a PNG or TIFF input gives an image of its own name and format,
+a JPEG or DICOM input a PNG (``<stem>.png``). The output folder may not be an input folder (by any
+path to it), and a file already there is not replaced without ``--overwrite``: both are refused
+before any work. ``recon_metrics.csv`` holds per-image PSNR, SSIM and MS-SSIM
 on [0, 1] and ``recon_summary.json`` their mean ± population std and the codebook usage
 (perplexity, unused codes) over all images; the summary is also printed.
 
@@ -32,12 +35,12 @@ from skimage.metrics import structural_similarity
 from tqdm import tqdm
 
 from data.datasets import split_list
-from data.io import ImageError, input_images, read_image, write_png
+from data.io import ImageError, check_output_names, input_images, output_name, read_image, write_image
 from data.transforms import from_model, to_model
 from models import load_vqgan
 from models.msssim import MSSSIM
 from models.vqgan import codebook_counts, usage_from_counts
-from utils.atomic import atomic_write_text
+from utils.atomic import atomic_write_text, refuse_input_folders, require_writable
 from utils.checkpoint import CheckpointError
 from utils.config import ConfigError
 from utils.dist import resolve_device
@@ -68,11 +71,42 @@ def image_jobs(cfg, split: str | None, input_dir: str | None) -> list[tuple[str,
     return [(f"{sub}/{n}", root / sub / n) for sub in ("CXR", "BS") for n in names]
 
 
+SUMMARY_FILES = ("recon_metrics.csv", "recon_summary.json")
+
+
+def check_outputs(jobs: list[tuple[str, Path]], out_dir: Path, overwrite: bool) -> None:
+    """The rules of ``ldm_eval.py``, checked before any work: no output folder is an input folder (by any
+    path), no two inputs give one output name, and no existing file is replaced without ``overwrite``
+    (pointed at a ground-truth folder, the run would replace the targets with reconstructions).
+
+    Raises:
+        ValueError: naming the folder or the files.
+    """
+    outputs = {out_dir, *(out_dir / Path(rel).parent for rel, _ in jobs)}
+    refuse_input_folders(sorted(outputs), sorted({src.parent for _, src in jobs}))
+    check_output_names([Path(rel) for rel, _ in jobs])
+    if overwrite:
+        return
+    names = [out_dir / n for n in SUMMARY_FILES] + [out_dir / output_rel(rel) for rel, _ in jobs]
+    existing = [f for f in names if f.exists() or f.is_symlink()]
+    if existing:
+        more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
+        raise ValueError(f"{existing[0]}{more} already exist; choose an empty --out or pass --overwrite to replace them")
+
+
+def output_rel(rel: str) -> str:
+    """The output's path under ``--out`` for a job's relative name: the format rules of
+    :func:`data.io.output_name` (a DICOM or JPEG input gives a PNG)."""
+    return str(Path(rel).parent / output_name(rel))
+
+
 def main(cfg, ckpt: str | Path, split: str | None = "test", input_dir: str | None = None,
-         out_dir: str | Path | None = None, progress: bool = True) -> dict:
-    """Reconstruct and score; return the summary dict (also written as recon_summary.json)."""
-    device = resolve_device(cfg.run.device)
-    model, ckpt_cfg = load_vqgan(ckpt, device)
+         out_dir: str | Path | None = None, progress: bool = True, overwrite: bool = False) -> dict:
+    """Reconstruct and score; return the summary dict (also written as recon_summary.json).
+
+    Checked before the model is loaded (:func:`check_outputs`): the output folder is no input folder
+    and nothing there is replaced unless ``overwrite``.
+    """
     jobs = image_jobs(cfg, split, input_dir)
     if not jobs:
         raise ValueError(f"no images to evaluate ({input_dir or split})")
@@ -80,6 +114,10 @@ def main(cfg, ckpt: str | Path, split: str | None = "test", input_dir: str | Non
         run_dir = Path(ckpt).resolve().parent.parent
         out_dir = run_dir / "eval" / (Path(input_dir).name if input_dir else split)
     out_dir = Path(out_dir)
+    check_outputs(jobs, out_dir, overwrite)
+    require_writable(out_dir)
+    device = resolve_device(cfg.run.device)
+    model, ckpt_cfg = load_vqgan(ckpt, device)
     msssim = MSSSIM(data_range=1.0, reduction="none").to(device)
     counts = torch.zeros(model.num_embeddings, dtype=torch.long)
     rows, failures = [], []
@@ -92,7 +130,7 @@ def main(cfg, ckpt: str | Path, split: str | None = "test", input_dir: str | Non
             continue
         try:
             rec, indices = reconstruct(model, img.pixels, cfg.data.invert, device)
-            write_png(out_dir / rel, rec, bit_depth=16 if img.bit_depth > 8 else 8, inputs=(src,))
+            write_image(out_dir / output_rel(rel), rec, bit_depth=16 if img.bit_depth > 8 else 8, inputs=(src,))
             mse = float(np.mean((rec.astype(np.float64) - img.pixels) ** 2))
             a, b = (torch.from_numpy(v)[None, None].float().to(device) for v in (rec, img.pixels))
             ms = float(msssim(a, b)[0]) if min(img.size) >= 16 else math.nan
@@ -129,8 +167,10 @@ def main(cfg, ckpt: str | Path, split: str | None = "test", input_dir: str | Non
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return eval_parser("Evaluate an ML-VQGAN checkpoint.", "stage-1 checkpoint (step_*.pt or best.pt)",
-                       "a folder of images instead of a split")
+    parser = eval_parser("Evaluate an ML-VQGAN checkpoint.", "stage-1 checkpoint (step_*.pt or best.pt)",
+                         "a folder of images instead of a split")
+    parser.add_argument("--overwrite", action="store_true", help="replace outputs that already exist in --out")
+    return parser
 
 
 def config_for(args: argparse.Namespace):
@@ -142,7 +182,7 @@ if __name__ == "__main__":
     args = build_parser().parse_args()
     try:
         summary = main(config_for(args), args.ckpt, split=args.split, input_dir=args.input_dir,
-                       out_dir=args.out_dir, progress=args.progress)
+                       out_dir=args.out_dir, progress=args.progress, overwrite=args.overwrite)
     except (ConfigError, CheckpointError, ImageError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

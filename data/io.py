@@ -441,6 +441,22 @@ def output_name(path: str | os.PathLike) -> str:
     return p.name if p.suffix.lower() in SAME_FORMAT_EXTENSIONS else p.stem + ".png"
 
 
+def check_output_names(paths: list[Path]) -> None:
+    """Refuse, before any work, inputs whose outputs would overwrite each other (``x.png``, ``x.jpg``
+    and ``x.dcm`` all give ``x.png``); inputs of different folders are compared by their folder too.
+
+    Raises:
+        ValueError: naming both inputs and the output name.
+    """
+    seen: dict[tuple[Path, str], Path] = {}
+    for p in paths:
+        key = (Path(p).parent, output_name(p).lower())
+        if key in seen:
+            raise ValueError(f"{seen[key]} and {p} would both be written as {output_name(p)}; rename one of them or "
+                             "process them in separate runs")
+        seen[key] = p
+
+
 def write_image(path: str | os.PathLike, pixels: np.ndarray, bit_depth: int | None = None,
                 inputs: tuple[str | os.PathLike, ...] = ()) -> None:
     """Write a grayscale image in the format its name says: TIFF for ``.tif``/``.tiff``, PNG for

@@ -13,7 +13,7 @@ import torch
 
 from data.io import read_image
 from tests.conftest import ROOT, write_gray
-from tests.scripts import load_script, smoke_config, tiny_dataset
+from tests.scripts import load_script, smoke_config, tiny_dataset, untrained_ldm
 from utils.checkpoint import CheckpointError, load_checkpoint
 
 train = load_script("vq-gan_train.py")
@@ -140,3 +140,81 @@ def test_ddp_two_cpu_processes(dataset, tmp_path):
     assert len(runs) == 1                     # rank 0 made the folder, rank 1 used the same one
     ckpt = model_state(runs[0])
     assert ckpt["step"] == 6                  # 18 images over 2 ranks, batch 4: 3 iterations per epoch
+
+
+# ---- round 3, part B: outputs never replace what the run did not write; names agree with content ----
+
+@pytest.fixture(scope="module")
+def untrained_vqgan(tmp_path_factory):
+    """A VQGAN checkpoint with random weights (no training): the pixels do not matter here."""
+    base = tmp_path_factory.mktemp("untrained")
+    untrained_ldm(base, base / "no-data")
+    return base / "vqgan" / "best.pt"
+
+
+def _eval_cli(ckpt, *args):
+    return subprocess.run([sys.executable, "vq-gan_eval.py", "--ckpt", str(ckpt), "--no-progress", *map(str, args)],
+                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _tree(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_eval_never_replaces_files_it_did_not_write(untrained_vqgan, tmp_path):
+    """Before: --out pointed at the ground-truth BS/ folder replaced every target, exit 0. Now refused
+    before any work unless --overwrite; a rerun into its own folder needs --overwrite too."""
+    ds = tmp_path / "ds"
+    for sub in ("CXR", "BS"):
+        for n in ("p0.png", "p1.png"):
+            write_gray(ds / sub / n, np.full((20, 24), 100 if sub == "CXR" else 60, np.uint8))
+    before = _tree(ds)
+    res = _eval_cli(untrained_vqgan, "--input", ds / "CXR", "--out", ds / "BS")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert f"{ds / 'BS' / 'p0.png'} and 1 more already exist; choose an empty --out or pass --overwrite" in res.stderr
+    assert _tree(ds) == before
+    out = tmp_path / "recon"
+    assert _eval_cli(untrained_vqgan, "--input", ds / "CXR", "--out", out).returncode == 0
+    res = _eval_cli(untrained_vqgan, "--input", ds / "CXR", "--out", out)
+    assert res.returncode == 2 and "recon_metrics.csv and 3 more already exist" in res.stderr
+    assert _eval_cli(untrained_vqgan, "--input", ds / "CXR", "--out", out, "--overwrite").returncode == 0
+
+
+def test_eval_refuses_the_input_folder_as_output_by_any_path(untrained_vqgan, tmp_path, monkeypatch):
+    """Before: --out = --input was not refused up front and the CSV landed in the input folder. Now
+    refused before any work, also with --overwrite, through a symbolic link, a '..' path, and for a split whose --out is the data root (out/CXR is CXR/)."""
+    folder = tmp_path / "in"
+    write_gray(folder / "a.png", np.full((16, 16), 80, np.uint8))
+    (tmp_path / "link").symlink_to(folder)
+    before = _tree(folder)
+    for out in (folder, tmp_path / "link", tmp_path / "in" / ".." / "in"):
+        res = _eval_cli(untrained_vqgan, "--input", folder, "--out", out, "--overwrite")
+        assert res.returncode == 2 and "the output folder is the input folder" in res.stderr, res.stderr
+    assert _tree(folder) == before and not (folder / "recon_metrics.csv").exists()
+    for sub in ("CXR", "BS"):
+        write_gray(tmp_path / "ds" / sub / "a.png", np.full((16, 16), 80, np.uint8))
+    monkeypatch.setattr(evaluate, "split_list", lambda data_cfg, split: ["a.png"])
+    with pytest.raises(ValueError, match="the output folder is the input folder"):
+        evaluate.main(smoke_config(tmp_path / "ds", tmp_path), untrained_vqgan, split="test", out_dir=tmp_path / "ds",
+                      overwrite=True, progress=False)
+
+
+def test_eval_output_names_agree_with_their_content(untrained_vqgan, tmp_path):
+    """Before: PNG bytes under x.dcm and under x.tif. Now a TIFF input gives a TIFF of its name and bit
+    depth, DICOM and JPEG inputs a PNG named <stem>.png; x.png beside x.jpg is refused before work."""
+    from PIL import Image
+    from pydicom.data import get_testdata_file
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "ct.dcm").write_bytes(open(get_testdata_file("CT_small.dcm"), "rb").read())
+    Image.fromarray(np.arange(24 * 20, dtype=np.uint16).reshape(24, 20) * 100).save(folder / "t16.tif")
+    Image.fromarray(np.full((20, 20), 120, np.uint8)).save(folder / "j.jpg", quality=95)
+    res = _eval_cli(untrained_vqgan, "--input", folder, "--out", tmp_path / "out")
+    assert res.returncode == 0, res.stderr
+    formats = {p.name: Image.open(p).format for p in (tmp_path / "out").iterdir() if not p.name.startswith("recon")}
+    assert formats == {"ct.png": "PNG", "t16.tif": "TIFF", "j.png": "PNG"}
+    assert read_image(tmp_path / "out" / "t16.tif").bit_depth == 16 and read_image(tmp_path / "out" / "ct.png").bit_depth == 16
+    (folder / "j.png").write_bytes((tmp_path / "out" / "j.png").read_bytes())
+    res = _eval_cli(untrained_vqgan, "--input", folder, "--out", tmp_path / "out2")
+    assert res.returncode == 2 and "would both be written as j.png" in res.stderr

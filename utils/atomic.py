@@ -79,6 +79,30 @@ def require_writable(folder: str | os.PathLike) -> Path:
     return d
 
 
+def refuse_input_folders(outputs: list[str | os.PathLike], inputs: list[str | os.PathLike]) -> None:
+    """Refuse, before any work, an output folder that is one of the input folders, by any path to it
+    (``a/../a``, a symbolic link, a bind mount): outputs would be written among, or over, the inputs.
+
+    Raises:
+        ValueError: naming the output folder and the input folder it is.
+    """
+    for out in outputs:
+        for src in inputs:
+            if _same_folder(out, src):
+                raise ValueError(f"{out}: the output folder is the input folder {src}; choose another --out")
+
+
+def _same_folder(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name one folder: the same file on disk when both exist, else the same
+    resolved path (a folder that does not exist yet is no input folder)."""
+    try:
+        if os.path.exists(a) and os.path.exists(b):
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return Path(a).resolve() == Path(b).resolve()
+
+
 def _fsync(path: str | os.PathLike) -> None:
     """Flush a file's (or a folder's) data to the disk; a filesystem that cannot is left as it is."""
     try:
