@@ -448,3 +448,36 @@ def test_a_full_disk_stops_cleanly_keeping_what_was_written(untrained, tmp_path,
     monkeypatch.setattr(data.io, "atomic_write", real)
     again = ldm_eval.main(cfg, untrained, input_dir=folder, out_dir=tmp_path / "out", progress=False)
     assert (again["written"], again["skipped_existing"], again["stopped"]) == (4, 2, None)
+
+
+def test_eval_output_names_agree_with_their_content(untrained, tmp_path):
+    """Before: PNG bytes under t.tif and j.jpg. Now a TIFF input gives a TIFF of its name and bit depth
+    (also under paths/), a JPEG input a PNG named j.png."""
+    from PIL import Image
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(np.arange(40 * 40, dtype=np.uint16).reshape(40, 40) * 40).save(folder / "t.tif")
+    Image.fromarray(np.full((40, 40), 120, np.uint8)).save(folder / "j.jpg", quality=95)
+    cfg = ldm_eval.config_for(ldm_eval.build_parser().parse_args(["--ckpt", str(untrained), *EVAL_FAST[:1]]))
+    summary = ldm_eval.main(cfg, untrained, input_dir=folder, out_dir=tmp_path / "out", save_paths=True, progress=False)
+    assert summary["written"] == 2 and not summary["failures"]
+    formats = {p.relative_to(tmp_path / "out").as_posix(): Image.open(p).format
+               for p in (tmp_path / "out").rglob("*") if p.is_file() and p.name != "timing.json"}
+    assert formats == {"t.tif": "TIFF", "j.png": "PNG", **{f"paths/{part}/{n}": fmt for part in ("global", "fused")
+                                                            for n, fmt in (("t.tif", "TIFF"), ("j.png", "PNG"))}}
+    assert read_image(tmp_path / "out" / "t.tif").bit_depth == 16
+
+
+def test_save_paths_refuses_a_planted_symbolic_link(untrained, tmp_path):
+    """Before: a symbolic link planted at out/paths was written through. Now refused before any work."""
+    folder = _folder_of_images(tmp_path / "in", ["a.png"])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "paths").symlink_to(elsewhere)
+    res = subprocess.run([sys.executable, "ldm_eval.py", "--ckpt", str(untrained), "--input", str(folder),
+                          "--out", str(tmp_path / "out"), "--save-paths", *EVAL_FAST], cwd=ROOT, capture_output=True,
+                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 2 and f"{tmp_path / 'out' / 'paths'}: is a symbolic link" in res.stderr, res.stderr
+    assert not list(elsewhere.iterdir()) and not (tmp_path / "out" / "a.png").exists()
