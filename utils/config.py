@@ -96,6 +96,7 @@ class CTConfig:
     shift_mm: float = 8.0
     flip: float = 0.0                 # probability of a mirrored view (situs inversus; off by default)
     dose: float = 20000.0             # photons per unattenuated pixel; 0 = no quantum noise
+    dense_gain: float = 1.8           # attenuation above soft tissue x this (bone at a radiograph's energy)
     nodules: int = 2                  # at most this many synthetic nodules per view (inserted in 3-D)
     nodule_radius_mm: list[float] = field(default_factory=lambda: [4.0, 9.0])
     seed: int = 0
@@ -379,6 +380,7 @@ RANGES: dict[str, tuple[float, float | None]] = {
     "ct.size": (8, 8192), "ct.pixel_mm": (0.01, 100.0), "ct.sid_mm": (200.0, 10_000.0),
     "ct.views_train": (1, None), "ct.views_val": (0, None), "ct.views_test": (1, None),
     "ct.shift_mm": (0.0, 500.0), "ct.flip": (0.0, 1.0), "ct.dose": (0.0, 1e12), "ct.nodules": (0, 20),
+    "ct.dense_gain": (0.1, 10.0),
     **{f"{s}.{k}": (1, None) for s in ("vq_train", "ldm_train")
        for k in ("epochs", "batch_size", "val_every", "ckpt_every", "keep_last", "log_every")},
     "sampler.steps": (1, None), "distill.num_ddim_timesteps": (1, None),
