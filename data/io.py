@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from utils.atomic import OverwriteInputError, atomic_write
 
@@ -189,15 +189,57 @@ def _read_pil(p: Path, max_pixels: int | None, allow_color: bool) -> XrayImage:
         w, h = im.size
         if max_pixels is not None and w * h > max_pixels:
             raise ImageError(p, f"image of {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
+        # A TIFF's orientation is read before load(), which applies and drops it; other formats' after
+        # load(), since reading a PNG's EXIF reads the file to its end (a truncated file must fail there).
+        orientation = _exif_orientation(im, p) if im.format == "TIFF" else 1
+        if orientation != 1:
+            # Pillow 13 memory-maps an uncompressed TIFF read by file name with the size already
+            # turned for orientations 5..8, which scrambles the pixels; read through the file object
+            # (no file name, no memory map) it decodes, then turns, correctly.
+            im.filename = ""
         try:
             im.load()
         except Exception as e:  # truncated streams, bad CRCs, broken JPEG data
             raise ImageError(p, f"truncated or corrupt image data ({type(e).__name__}: {e})") from None
-        mode = im.mode
-        arr, bits = _pil_to_gray(im, p, allow_color)
+        if im.format != "TIFF":
+            orientation = _exif_orientation(im, p)
+        mode, fmt = im.mode, im.format
+        upright = _upright(im, orientation)
+        arr, bits = _pil_to_gray(upright, p, allow_color)
     scale = float(2**bits - 1)
     pixels = (arr.astype(np.float64) / scale).clip(0.0, 1.0).astype(np.float32)
-    return XrayImage(pixels=pixels, bit_depth=bits, path=str(p), meta={"mode": mode, "format": im.format})
+    return XrayImage(pixels=pixels, bit_depth=bits, path=str(p),
+                     meta={"mode": mode, "format": fmt, "exif_orientation": orientation})
+
+
+EXIF_ORIENTATION = 0x0112
+
+
+def _exif_orientation(im: Image.Image, p: Path) -> int:
+    """The EXIF Orientation tag of an opened image (1, upright, when it has none).
+
+    A camera or a phone stores a photographed film as it was held and says in this tag how to turn
+    it (6: 90° clockwise); viewers apply it, so the pixels must be turned before the model sees them,
+    or it works on a sideways chest and its output comes out turned.
+
+    Raises:
+        ImageError: a damaged EXIF block, or a value outside 1..8.
+    """
+    try:
+        orientation = int(im.getexif().get(EXIF_ORIENTATION, 1) or 1)
+    except Exception as e:   # a damaged EXIF block
+        raise ImageError(p, f"unreadable EXIF data ({type(e).__name__}: {e})") from None
+    if orientation not in range(1, 9):
+        raise ImageError(p, f"EXIF orientation {orientation} is not one of 1..8")
+    return orientation
+
+
+def _upright(im: Image.Image, orientation: int) -> Image.Image:
+    """The loaded image as it is meant to be seen. Outputs are written upright and without the tag
+    (the writers write no EXIF), so that they look the same in every viewer."""
+    if orientation == 1 or EXIF_ORIENTATION not in im.getexif():   # none, or already applied by the loader
+        return im
+    return ImageOps.exif_transpose(im)
 
 
 def _pil_to_gray(im: Image.Image, p: Path, allow_color: bool) -> tuple[np.ndarray, int]:
@@ -500,7 +542,8 @@ def _write_checked(path: str | os.PathLike, write: Callable[[str], Any], *inputs
         if cause is not None and cause.strerror:
             raise ImageError(path, f"cannot write ({cause.strerror})", errno=cause.errno) from None
         first_line = (str(e).strip().splitlines() or [""])[0]
-        raise ImageError(path, f"cannot write ({type(e).__name__}: {first_line})") from None
+        what = first_line if isinstance(e, OSError) else f"{type(e).__name__}: {first_line}"
+        raise ImageError(path, f"cannot write ({what})") from None
 
 
 def _os_cause(err: BaseException) -> OSError | None:

@@ -304,3 +304,35 @@ def test_derived_dicom_adds_no_error_for_dciodvfy(tmp_path, name):
         return {line for line in (res.stdout + res.stderr).splitlines() if line.startswith("Error")}
 
     assert errors(tmp_path / "out.dcm") <= errors(src), errors(tmp_path / "out.dcm") - errors(src)
+
+
+# ------------------------------------------------------------------------- round 3, part B
+
+@pytest.mark.parametrize("orientation, turn", [(6, lambda a: np.rot90(a, -1)), (8, lambda a: np.rot90(a, 1)),
+                                               (3, lambda a: np.rot90(a, 2)), (2, np.fliplr)])
+def test_exif_orientation_is_applied_on_read(tmp_path, orientation, turn):
+    """Before: a JPEG with EXIF orientation 6 was read as stored, so the model saw the chest sideways
+    and the output came out 90° off. Now read as a viewer shows it; written upright, without the tag."""
+    upright = np.zeros((60, 40), np.uint8)
+    upright[5:15, 5:35] = 255                                   # a bright bar near the top
+    stored = {6: np.rot90(upright, 1), 8: np.rot90(upright, -1), 3: np.rot90(upright, 2), 2: np.fliplr(upright)}
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    for name in ("a.jpg", "a.tif"):
+        Image.fromarray(np.ascontiguousarray(stored[orientation])).save(tmp_path / name, exif=exif.tobytes(),
+                                                                        **({"quality": 100} if name.endswith("jpg") else {}))
+        img = read_image(tmp_path / name)
+        assert img.size == (60, 40) and img.meta["exif_orientation"] == orientation
+        assert np.abs(img.pixels * 255 - upright).mean() < 3, name        # upright (JPEG: lossy)
+        np.testing.assert_array_equal(turn(stored[orientation]), upright)  # the tag's meaning, as a check
+    write_png(tmp_path / "out.png", img.pixels)
+    with Image.open(tmp_path / "out.png") as out:
+        assert out.getexif().get(0x0112) is None and out.size == (40, 60)
+
+
+def test_damaged_exif_orientation_is_one_clear_error(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 9
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "b.jpg", exif=exif.tobytes())
+    with pytest.raises(ImageError, match=r"b.jpg: EXIF orientation 9 is not one of 1..8"):
+        read_image(tmp_path / "b.jpg")
