@@ -126,6 +126,12 @@ def test_manager_keeps_last_and_points_at_latest(tmp_path):
     assert load_checkpoint(tmp_path / "checkpoints" / "best.pt")["step"] == 20
     (tmp_path / "checkpoints" / "latest.json").write_text("{broken")
     assert m.latest().name == "step_0000030.pt"
+    # A planted pointer out of the folder (a file that exists there) is ignored: --resume stays in the run.
+    elsewhere = tmp_path / "elsewhere.pt"
+    elsewhere.write_bytes(b"x")
+    for planted in ("../elsewhere.pt", str(elsewhere), 7):
+        (tmp_path / "checkpoints" / "latest.json").write_text(json.dumps({"step": 1, "file": planted}))
+        assert m.latest().name == "step_0000030.pt", planted
     json.loads('{"a": 1}')
 
 
@@ -193,3 +199,24 @@ def test_partial_files_of_a_killed_save_are_removed_and_writes_are_synced(tmp_pa
     m.save(step=20, kind="toy", epoch=0, config={}, state={})
     assert not any(p.exists() for p in stale) and (m.dir / "step_0000020.pt").is_file()
     assert len(synced) >= 4                            # checkpoint + folder, latest.json + folder
+
+
+def test_moved_absolute_first_stage_is_found_by_its_trailing_path(tmp_path):
+    """An absolute stored first-stage path whose tree moved: the longest trailing part that exists
+    above the checkpoint wins; fewer than three parts never match, nor does the checkpoint itself."""
+    from utils.checkpoint import resolve_first_stage
+
+    def touch(p):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"x")
+        return p
+
+    ldm = touch(tmp_path / "new" / "proj" / "runs" / "ldm" / "001" / "checkpoints" / "best.pt")
+    vq = touch(tmp_path / "new" / "proj" / "runs" / "vqgan" / "000" / "checkpoints" / "best.pt")
+    touch(tmp_path / "new" / "proj" / "runs" / "ldm" / "000" / "checkpoints" / "best.pt")   # a decoy, shorter match
+    stored = "/gone/proj/runs/vqgan/000/checkpoints/best.pt"
+    assert resolve_first_stage(ldm, stored) == vq
+    with pytest.raises(CheckpointError, match="was not found"):
+        resolve_first_stage(ldm, "/gone/elsewhere/checkpoints/best.pt")      # 3 parts, none of them here
+    with pytest.raises(CheckpointError, match="was not found"):
+        resolve_first_stage(ldm, "/gone/001/checkpoints/best.pt")            # would be the checkpoint itself

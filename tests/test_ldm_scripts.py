@@ -481,3 +481,22 @@ def test_save_paths_refuses_a_planted_symbolic_link(untrained, tmp_path):
                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 2 and f"{tmp_path / 'out' / 'paths'}: is a symbolic link" in res.stderr, res.stderr
     assert not list(elsewhere.iterdir()) and not (tmp_path / "out" / "a.png").exists()
+
+
+def test_moved_run_tree_trained_with_absolute_paths_finds_its_first_stage(tmp_path, monkeypatch):
+    """Before: a run trained with an absolute ldm_train.vqgan_ckpt, then moved as a whole, could not find
+    its first stage (only relative stored paths were searched). Now the stored path's trailing parts
+    are tried against every folder above the moved checkpoint."""
+    import shutil
+
+    ckpt = untrained_ldm(tmp_path / "old" / "proj", tmp_path / "no-data")
+    stored = load_checkpoint(ckpt)["config"]["ldm_train"]["vqgan_ckpt"]
+    assert Path(stored).is_absolute() and Path(stored).is_file()
+    shutil.move(str(tmp_path / "old"), str(tmp_path / "new"))
+    monkeypatch.chdir(tmp_path)
+    moved = tmp_path / "new" / "proj" / "ldm" / "checkpoints" / "best.pt"
+    folder = _folder_of_images(tmp_path / "in", ["a.png"])
+    cfg = ldm_eval.config_for(ldm_eval.build_parser().parse_args(["--ckpt", str(moved), *EVAL_FAST[:1]]))
+    summary = ldm_eval.main(cfg, moved, input_dir=folder, out_dir=tmp_path / "out", progress=False)
+    assert summary["written"] == 1 and not summary["failures"]
+    assert ldm_eval.first_stage(moved, cfg, cfg) == tmp_path / "new" / "proj" / "vqgan" / "best.pt"

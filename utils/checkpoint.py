@@ -118,7 +118,9 @@ def resolve_first_stage(ckpt_path: str | Path, vqgan_ckpt: str) -> Path:
     model names its ``vqgan.pt`` / ``vqgan.safetensors`` beside it, so the folder can move), then
     against the working directory (training runs store the path they were given), then against each
     folder above the checkpoint (so ``runs/vqgan/...`` is found when the whole ``runs/`` tree moved or
-    the command runs from elsewhere).
+    the command runs from elsewhere). An absolute path is tried as it is, then, if the tree it was in
+    has moved, by its trailing components against each folder above the checkpoint
+    (:func:`moved_candidates`).
 
     Raises:
         CheckpointError: the config names no first stage, or the file is in neither place.
@@ -127,12 +129,41 @@ def resolve_first_stage(ckpt_path: str | Path, vqgan_ckpt: str) -> Path:
         raise CheckpointError(f"{ckpt_path}: its config has no ldm_train.vqgan_ckpt (the first stage)")
     stored = Path(vqgan_ckpt)
     here = Path(ckpt_path).resolve().parent
-    candidates = [stored] if stored.is_absolute() else [here / stored, stored, *(a / stored for a in here.parents)]
-    found = next((c for c in candidates if c.is_file()), None)
+    if stored.is_absolute():
+        candidates = [stored, *moved_candidates(stored, here)]
+    else:
+        candidates = [here / stored, stored, *(a / stored for a in here.parents)]
+    found = next((c for c in candidates if c.is_file() and not _same_file(c, ckpt_path)), None)
     if found is None:
         raise CheckpointError(f"{ckpt_path}: its first stage {vqgan_ckpt} was not found beside it, from the working "
                               "directory or from any folder above it; give --set ldm_train.vqgan_ckpt=FILE")
     return found
+
+
+# The fewest trailing components of a moved absolute path that may identify it: the run folder, its
+# checkpoints/ folder and the file (``000-szch/checkpoints/best.pt``); a bare ``checkpoints/best.pt``
+# would name the stage-2 checkpoint itself or another run's.
+MOVED_MIN_PARTS = 3
+
+
+def moved_candidates(stored: Path, here: Path) -> list[Path]:
+    """Where an absolute first-stage path may be after its tree moved: each trailing part of it, the
+    longest first, against ``here`` (the checkpoint's folder) and every folder above it, nearest first.
+
+    ``/old/proj/runs/vqgan/000/checkpoints/best.pt`` stored by a run now under ``/new/proj/runs/ldm/...``
+    is found as ``/new/proj`` + ``runs/vqgan/000/checkpoints/best.pt``. Longest first, so that the most
+    specific match wins; never fewer than :data:`MOVED_MIN_PARTS` components.
+    """
+    parts = stored.parts[1:]                       # without the root
+    shortest = min(MOVED_MIN_PARTS, len(parts))
+    return [folder / Path(*parts[i:]) for i in range(len(parts) - shortest + 1) for folder in (here, *here.parents)]
+
+
+def _same_file(a: str | Path, b: str | Path) -> bool:
+    try:
+        return Path(a).samefile(b)
+    except OSError:
+        return False
 
 
 def config_mismatch(saved: dict, current: dict, prefix: str = "") -> list[str]:
@@ -193,7 +224,7 @@ class CheckpointManager:
         if best:
             save_checkpoint(self.dir / "best.pt", step=step, **kwargs)
         # The pointer moves only after the file is complete, so it never names a partial file.
-        atomic_write_text(self.dir / "latest.json", json.dumps({"step": step, "file": path.name}) + "\n")
+        atomic_write_text(self.dir / "latest.json", json.dumps({"step": step, "file": path.name}, allow_nan=False) + "\n")
         for old in self.step_files()[: -self.keep_last]:
             old.unlink(missing_ok=True)
         return path
@@ -214,9 +245,10 @@ class CheckpointManager:
         """The newest complete checkpoint, or None. Falls back to the file list if latest.json is bad."""
         pointer = self.dir / "latest.json"
         try:
-            target = self.dir / json.loads(pointer.read_text())["file"]
-            if target.is_file():
-                return target
+            name = json.loads(pointer.read_text())["file"]
+            # Only a step file of this folder: a planted pointer may not send --resume elsewhere.
+            if re.fullmatch(r"step_\d{7}\.pt", name) and (self.dir / name).is_file():
+                return self.dir / name
         except (OSError, ValueError, KeyError, TypeError):
             pass
         files = self.step_files()
