@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from evaluation.definitions import MODES, REFERENCE_SIZE, score_pair
 from evaluation.pairing import ImageFolder, load_case
 from evaluation.perceptual import LpipsScorer, lpips_weights_path
 from evaluation.summary import csv_text, markdown_table, metric_columns, summarize
-from utils.atomic import atomic_write_text
+from utils.atomic import atomic_write_text, json_text
 
 
 def evaluate(names: Iterable[str], cxr_dir: str | os.PathLike, gt_dir: str | os.PathLike,
@@ -148,7 +147,7 @@ class FolderReport:
         summary) atomically; returns their paths."""
         csv_path, json_path = self.paths(out_dir)
         atomic_write_text(csv_path, csv_text(self.rows, self.columns))
-        atomic_write_text(json_path, json.dumps(self.summary, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+        atomic_write_text(json_path, json_text(self.summary, indent=2, ensure_ascii=False) + "\n")
         return csv_path, json_path
 
 

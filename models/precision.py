@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from utils.atomic import json_text
+
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -82,7 +84,7 @@ def cpu_bf16_speedup() -> float:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(cache, indent=1))
+            tmp.write_text(json_text(cache, indent=1))
             os.replace(tmp, path)
         except OSError:
             pass                                   # a read-only home only costs the probe next time

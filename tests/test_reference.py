@@ -1,6 +1,7 @@
 """The converter for the authors' published checkpoints and the safetensors release format."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -469,3 +470,90 @@ def test_torchscript_archive_refused_before_torch_sees_it(tmp_path, monkeypatch)
     monkeypatch.setattr(torch.jit, "load", lambda *a, **k: pytest.fail("torch.jit.load was reached"))
     with pytest.raises(ForeignPickleError, match="TorchScript"):
         read_module_tree(path, "modules.unet.UNetModel", ("modules.", "torch.nn.modules."))
+
+
+# ---- hostile safetensors headers and a full disk (issue 24, 2.7) -----------------------------------
+
+def _release_file(path: Path, kind: str = "ldm", **header: str) -> Path:
+    """A small safetensors file with this project's header; ``header`` replaces any field."""
+    from safetensors.torch import save_file
+
+    from utils.checkpoint import FORMAT
+    from utils.config import Config
+
+    cfg = config_to_dict(Config())
+    meta = {"format": FORMAT, "kind": kind, "step": "1", "epoch": "1", "config": json.dumps(cfg),
+            "extra": json.dumps({"latent_size": 8}), "aliases": "{}", **header}
+    slot = "unet" if kind == "ldm" else "model"
+    save_file({f"{slot}.w": torch.zeros(2)}, str(path), metadata=meta)
+    return path
+
+
+@pytest.mark.parametrize("field, text, needle", [
+    ("aliases", '["ema"]', "'aliases' is a list, not a mapping"),
+    ("aliases", '{"ema": ["unet"]}', "'aliases' must map slot names to slot names"),
+    ("aliases", '{"ema": 5}', "'aliases' must map slot names to slot names"),
+    ("aliases", '"unet"', "'aliases' is a str, not a mapping"),
+    ("aliases", '{"ema": "nope"}', "header names slot 'nope' for 'ema'"),
+    ("config", "[" * 100_000 + "]" * 100_000, "'config' is nested too deeply"),
+    ("extra", '{"a": ' * 100_000 + "1" + "}" * 100_000, "'extra' is nested too deeply"),
+    ("config", '{"sampler": {"clip_kappa": NaN}}', "'config' is not JSON (NaN is not JSON"),
+    ("config", "{not json", "'config' is not JSON"),
+    ("step", "seven", "'step' and 'epoch' must be integers"),
+])
+def test_hostile_safetensors_headers_are_named_errors(tmp_path, field, text, needle):
+    path = _release_file(tmp_path / "evil.safetensors", **{field: text})
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    assert str(err.value).startswith(f"{path}: ") and needle in str(err.value), str(err.value)
+    assert len(str(err.value)) < 300 and "\n" not in str(err.value)
+
+
+def test_export_of_a_header_without_sections_is_one_error_line(tmp_path):
+    """--export used to end in a KeyError traceback on a config lacking ldm_train (or any section it reads)."""
+    cfg = {"run": {"name": "x"}, "data": {}}
+    path = _release_file(tmp_path / "partial.safetensors", config=json.dumps(cfg))
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "convert_reference.py", "--export", str(path), "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert lines[0].startswith(f"error: {path}: its config lacks the sections vqgan, unet, diffusion"), lines[0]
+    assert not out.exists() or not any(out.iterdir())
+    # A config with a wrong value is refused the same way, naming the key.
+    cfg = config_to_dict(__import__("utils.config", fromlist=["Config"]).Config())
+    cfg["sampler"]["clip_kappa"] = -1.0
+    bad = _release_file(tmp_path / "bad.safetensors", kind="vqgan", config=json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="bad.safetensors \\(config\\): key 'sampler.clip_kappa' must be >= 0"):
+        convert.export(bad, tmp_path / "out2")
+
+
+@pytest.mark.parametrize("fails", ["vqgan.safetensors", "MODEL_CARD.md"])
+def test_export_onto_a_full_disk_names_the_file_and_leaves_no_half_release(tmp_path, monkeypatch, fails):
+    """A full disk: the Rust writer raises SafetensorError (not an OSError, so a traceback), Python's writer
+    an OSError without a file name; both become one OSError naming the file, and the files written before
+    it are removed (a half release would make the rerun refuse without --overwrite)."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    import utils.release as release
+
+    src = _release_file(tmp_path / "vq.safetensors", kind="vqgan")
+    real = release.atomic_write
+
+    def full_disk(path, write, *inputs):
+        if Path(path).name == fails:
+            if fails.endswith(".safetensors"):
+                raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                                      'message: "No space left on device" })')
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, write, *inputs)
+
+    monkeypatch.setattr(release, "atomic_write", full_disk)
+    out = tmp_path / "out"
+    with pytest.raises(OSError) as err:
+        convert.export(src, out)
+    assert str(err.value).startswith(f"{out / fails}: not written (") and "\n" not in str(err.value), str(err.value)
+    assert "No space left on device" in str(err.value)
+    assert not out.exists() or not any(out.iterdir()), list(out.iterdir())

@@ -59,7 +59,7 @@ import numpy as np
 from data.datasets import BS, CXR, MASK, split_list, split_location
 from data.io import ImageError, read_image
 from data.splits import list_paths, read_list
-from utils.atomic import atomic_write_text
+from utils.atomic import atomic_write_text, json_text
 from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.config import ConfigError
 from utils.logging import pyplot, save_figure
@@ -277,7 +277,7 @@ def execute(run: Run, modes, native: bool, lung: bool, batch_size: int, overwrit
               "seconds_per_image": per_image, "eval_seconds": time.perf_counter() - t0, "metrics": {}, "status": {}}
     for mode in modes:
         result["status"][mode], result["metrics"][mode] = score_run(run, run.folder / "pred", mode, native, lung, lpips)
-    atomic_write_text(run.folder / "run.json", json.dumps(result, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(run.folder / "run.json", json_text(result, indent=2) + "\n")
     return result
 
 
@@ -490,7 +490,7 @@ def main(ckpts: list[str] | dict[str, str], out_dir: str | Path, split: str = "t
                "rows": [{"table": r.table, "cells": r.cells, "model": r.model, "overrides": list(r.overrides),
                          "run": str(r.run.folder)} for r in rows],
                "runs": {str(r.folder): r.result for r in runs}, "failures": failures, **extras}
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2, ensure_ascii=False, default=str) + "\n")
+    atomic_write_text(out / "results.json", json_text(results, indent=2, ensure_ascii=False, default=str) + "\n")
     print("\n".join(docs.values()))
     print(f"wrote {out / 'ablation.md'}, {out / 'tables'}, {out / 'results.json'}")
     if failures:

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -48,7 +47,7 @@ from data.datasets import PairedDataset, split_list
 from data.io import ImageError
 from models import load_vqgan
 from models.schedule import build_schedule, offset_noise, randn
-from utils.atomic import atomic_write_text, json_nulls
+from utils.atomic import atomic_write_text, json_text
 from utils.checkpoint import CheckpointError, load_checkpoint, resolve_first_stage
 from utils.config import ConfigError, config_from_dict
 from utils.dist import resolve_device
@@ -387,7 +386,7 @@ def main(ckpt: str | Path, out_dir: str | Path | None = None, split: str = "test
                           "plain_measured": float(means_plain.var()), "offset_measured": float(means_offset.var())},
         "figures": ["psd.png", "frequency_noise.png", "band_snr.png", "offset_noise.png"],
     }
-    atomic_write_text(out / "analysis.json", json.dumps(json_nulls(summary), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(out / "analysis.json", json_text(summary, indent=2) + "\n")
     print(f"{len(names)} images, latents {tuple(latents.shape[1:])}: PSD slopes "
           + ", ".join(f"{k} {v:.2f}" for k, v in slopes.items()) + f" -> {out}")
     return summary

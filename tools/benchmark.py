@@ -49,7 +49,7 @@ from models.inference import suppress_latents
 from models.pipeline import BoneSuppressor, lung_box, useful_box
 from models.precision import cpu_bf16_isa, cpu_model, prepare_for_inference
 from models.schedule import build_schedule
-from utils.atomic import atomic_write_text
+from utils.atomic import atomic_write_text, json_text
 from utils.config import InferenceConfig, load_config
 from utils.dist import resolve_device
 
@@ -306,7 +306,7 @@ def main(size: str = "demo", max_steps: int | None = None, out: str | Path | Non
           f"{flops['encode_box'] / 1e12:.2f} TFLOP, decoding {flops['decode'] / 1e12:.2f} -> "
           f"{flops['decode_box'] / 1e12:.2f}, one UNet path {flops['unet_path'] / 1e12:.3f})")
     if out:
-        atomic_write_text(out, json.dumps({"rows": rows, "flops": flops}, indent=2) + "\n")
+        atomic_write_text(out, json_text({"rows": rows, "flops": flops}, indent=2) + "\n")
     return rows
 
 
@@ -339,7 +339,7 @@ if __name__ == "__main__":
     if args._one:
         row = run_scenario(args._one, args.size, args.max_steps, resolve_device(args.device), precisions[0],
                            args.channels_last, args.compile_unet, not args._whole)
-        print(json.dumps(row))
+        print(json_text(row))
     else:
         main(args.size, args.max_steps, args.out, args.device, precisions, args.channels_last, args.compile_unet,
              args.scenario)

@@ -56,7 +56,7 @@ import numpy as np
 
 from data.io import ImageError, is_image_file, list_images, read_image, write_png
 from data.splits import read_list
-from utils.atomic import atomic_write_text, json_nulls
+from utils.atomic import atomic_write_text, json_text
 
 KEY_FORMAT = "reader-study-key/1"
 SIDES = ("L", "R")
@@ -211,7 +211,7 @@ def export(sources: list[str], out_dir: str | Path, key_path: str | Path | None 
     atomic_write_text(out / "viewer.html", viewer_html(ids, "Bone suppression reader study"))
     key = {"format": KEY_FORMAT, "seed": seed, "labels": [la, lb], "sources": {la: str(da), lb: str(db)},
            "list": str(list_file) if list_file else None, "readers": list(readers), "cases": cases}
-    atomic_write_text(key_path, json.dumps(key, indent=2) + "\n")
+    atomic_write_text(key_path, json_text(key, indent=2) + "\n")
     print(f"{len(cases)} cases ({la} vs {lb}, seed {seed}) -> {out}; key (keep it from the readers): {key_path}")
     return key
 
@@ -524,7 +524,7 @@ def aggregate(key_path: str | Path, sheets: list[str | Path], out_dir: str | Pat
           "" if e["lesion"] is None else ("yes" if e["lesion"] else "no"), e["lesion_location"], e["notes"],
           e["file"], e["row"]] for e in entries]))
     # JSON has no NaN: undefined values (no answers, no lesions) are written as null.
-    atomic_write_text(out / "summary.json", json.dumps(json_nulls(summary), indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(out / "summary.json", json_text(summary, indent=2, ensure_ascii=False) + "\n")
     print("\n".join(docs))
     print(f"wrote {out}")
     return summary

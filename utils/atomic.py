@@ -132,6 +132,15 @@ def json_nulls(x: Any) -> Any:
         return None
     if isinstance(x, dict):
         return {k: json_nulls(v) for k, v in x.items()}
-    if isinstance(x, list):
+    if isinstance(x, (list, tuple)):
         return [json_nulls(v) for v in x]
     return x
+
+
+def json_text(x: Any, **kwargs: Any) -> str:
+    """``json.dumps`` for every JSON file this project writes: non-finite floats become null
+    (:func:`json_nulls`) and ``allow_nan=False`` guarantees that no NaN or Infinity, which are not
+    JSON, ever reaches a file (a reader in another language rejects the whole file)."""
+    import json
+
+    return json.dumps(json_nulls(x), allow_nan=False, **kwargs)

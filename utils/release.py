@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from utils.atomic import atomic_write
+from utils.atomic import atomic_write, json_text
 
 
 def save_safetensors(path: str | Path, *, kind: str, step: int, epoch: int, config: dict,
@@ -36,20 +36,56 @@ def save_safetensors(path: str | Path, *, kind: str, step: int, epoch: int, conf
 
     tensors = {f"{slot}.{k}": t.detach().to("cpu").contiguous() for slot, sd in state.items() for k, t in sd.items()}
     header = {"format": FORMAT, "kind": kind, "step": str(int(step)), "epoch": str(int(epoch)),
-              "config": json.dumps(config), "extra": json.dumps(_jsonable(extra or {})),
-              "aliases": json.dumps(aliases or {})}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+              "config": json_text(config), "extra": json_text(_jsonable(extra or {})),
+              "aliases": json_text(aliases or {})}
+    _write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+
+
+def _write(path: str | Path, write) -> None:
+    """``atomic_write`` whose failures (a full disk: OSError from Python, SafetensorError from the Rust
+    writer, which names no file) are one OSError naming ``path``; nothing is left at ``path``."""
+    from safetensors import SafetensorError
+
+    try:
+        atomic_write(path, write)
+    except (OSError, SafetensorError) as e:
+        why = getattr(e, "strerror", None) or " ".join(str(e).split()) or type(e).__name__
+        raise OSError(f"{path}: not written ({why})") from None
 
 
 def _jsonable(d: dict) -> dict:
     out = {}
     for k, v in d.items():
         try:
-            json.dumps(v)
+            json.dumps(v, allow_nan=False)
         except (TypeError, ValueError):
             continue                              # e.g. a saved RNG state: meaningless in a release
         out[k] = v
     return out
+
+
+def _header_json(path: Path, header: dict, key: str, default: str) -> object:
+    """One JSON field of a safetensors header; hostile text is a CheckpointError naming file and key.
+
+    The header is 100 MB at most (safetensors' limit), enough for a nesting far deeper than Python's
+    recursion limit, so RecursionError is caught as well as malformed JSON; NaN and Infinity, which
+    this project never writes, are refused."""
+    from utils.checkpoint import CheckpointError
+
+    def no_constant(c: str):
+        raise ValueError(f"{c} is not JSON")
+
+    try:
+        return json.loads(header.get(key, default), parse_constant=no_constant)
+    except RecursionError:
+        raise CheckpointError(f"{path}: damaged header: '{key}' is nested too deeply") from None
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: damaged header: '{key}' is not JSON ({_short(e)})") from None
+
+
+def _short(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def load_safetensors(path: Path) -> dict:
@@ -68,19 +104,28 @@ def load_safetensors(path: Path) -> dict:
     if header.get("format") != FORMAT:
         raise CheckpointError(f"{path}: a safetensors file without this project's header (format "
                               f"'{FORMAT}'); export releases with convert_reference.py --export")
+    if "config" not in header:
+        raise CheckpointError(f"{path}: damaged header: no 'config'")
+    config = _header_json(path, header, "config", "{}")
+    extra = _header_json(path, header, "extra", "{}")
+    aliases = _header_json(path, header, "aliases", "{}")
+    for key, value in (("config", config), ("extra", extra), ("aliases", aliases)):
+        if not isinstance(value, dict):
+            raise CheckpointError(f"{path}: damaged header: '{key}' is a {type(value).__name__}, not a mapping")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
+        raise CheckpointError(f"{path}: damaged header: 'aliases' must map slot names to slot names")
     try:
-        config, extra = json.loads(header["config"]), json.loads(header.get("extra", "{}"))
-        aliases = json.loads(header.get("aliases", "{}"))
         step, epoch = int(header.get("step", 0)), int(header.get("epoch", 0))
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{path}: damaged header ({type(e).__name__}: {e})") from None
+    except ValueError:
+        raise CheckpointError(f"{path}: damaged header: 'step' and 'epoch' must be integers") from None
     state: dict[str, dict[str, torch.Tensor]] = {}
     for name, t in tensors.items():
         slot, _, key = name.partition(".")
         state.setdefault(slot, {})[key] = t
     for alias, slot in aliases.items():
         if slot not in state:
-            raise CheckpointError(f"{path}: header names slot '{slot}' for '{alias}', which the file does not hold")
+            raise CheckpointError(f"{path}: header names slot {_short(slot)!r} for {_short(alias)!r}, which the file "
+                                  "does not hold")
         state[alias] = state[slot]
     return {"format": FORMAT, "kind": header.get("kind"), "step": step, "epoch": epoch, "config": config,
             "state": state, "extra": extra}
@@ -102,9 +147,6 @@ def export_release(ckpt_path: str | Path, out_dir: str | Path, weights: str = "e
     ``MODEL_CARD.md``. For a VQGAN checkpoint: ``vqgan.safetensors``, its config and card.
     Returns the written paths. Raises CheckpointError on an unusable checkpoint or slot.
     """
-    import yaml
-
-    from utils.atomic import atomic_write_text
     from utils.checkpoint import CheckpointError, load_checkpoint, resolve_first_stage
 
     ckpt_path, out = Path(ckpt_path), Path(out_dir)
@@ -112,16 +154,63 @@ def export_release(ckpt_path: str | Path, out_dir: str | Path, weights: str = "e
     if ckpt.get("kind") not in ("ldm", "vqgan"):
         raise CheckpointError(f"{ckpt_path}: is a '{ckpt.get('kind')}' checkpoint; export takes a stage-1 (vqgan) "
                               "or stage-2 (ldm) checkpoint")
+    ckpt["config"] = release_config(ckpt, ckpt_path)
     vq = ckpt if ckpt["kind"] == "vqgan" else load_checkpoint(
         resolve_first_stage(ckpt_path, ckpt["config"]["ldm_train"]["vqgan_ckpt"]), kind="vqgan")
     if "model" not in vq["state"]:
         raise CheckpointError(f"{ckpt_path}: the first stage holds no 'model' weights")
-    written = [out / "vqgan.safetensors"]
-    save_safetensors(written[0], kind="vqgan", step=vq["step"], epoch=vq["epoch"], config=vq["config"],
-                     state={"model": vq["state"]["model"]}, extra=vq.get("extra"))
+    vq["config"] = release_config(vq, ckpt_path if vq is ckpt else Path(f"{ckpt_path} (first stage)"))
+    written: list[Path] = []
+    try:
+        _write_release(ckpt_path, ckpt, vq, out, weights, written, title, source, scores, scores_note)
+    except BaseException:
+        for p in written:            # a half release would block the rerun (existing outputs are kept)
+            p.unlink(missing_ok=True)
+        raise
+    return written
+
+
+# The sections the release and its model card read; every config this project ever wrote has them.
+RELEASE_SECTIONS = ("run", "data", "vqgan", "unet", "diffusion", "ldm_train", "sampler", "global_local", "output")
+
+
+def release_config(ckpt: dict, path: Path) -> dict:
+    """The checkpoint's config, checked like every loader checks it (schema, types, ranges), as a plain dict;
+    a config without a section the release reads is refused by name instead of a KeyError."""
+    from utils.checkpoint import CheckpointError
+    from utils.config import ConfigError, config_from_dict, config_to_dict
+
+    raw = ckpt.get("config")
+    missing = [s for s in RELEASE_SECTIONS if not isinstance(raw, dict) or not isinstance(raw.get(s), dict)]
+    if missing:
+        raise CheckpointError(f"{path}: its config lacks the section{'s' * (len(missing) > 1)} "
+                              f"{', '.join(missing)}; not a complete checkpoint of this project")
+    try:
+        return config_to_dict(config_from_dict(raw, f"{path} (config)"))
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: its config is nested too deeply") from None
+
+
+def _write_release(ckpt_path: Path, ckpt: dict, vq: dict, out: Path, weights: str, written: list[Path],
+                   title: str | None, source: list[str] | None, scores: dict[str, str] | None,
+                   scores_note: str) -> None:
+    """The files of :func:`export_release`, each appended to ``written`` once it exists."""
+    import yaml
+
+    from utils.checkpoint import CheckpointError
+
+    def saved(path: Path) -> Path:
+        written.append(path)
+        return path
+
+    save_safetensors(out / "vqgan.safetensors", kind="vqgan", step=vq["step"], epoch=vq["epoch"],
+                     config=vq["config"], state={"model": vq["state"]["model"]}, extra=vq.get("extra"))
+    saved(out / "vqgan.safetensors")
     config = vq["config"]
     if ckpt["kind"] == "ldm":
-        config = json.loads(json.dumps(ckpt["config"]))
+        config = json.loads(json_text(ckpt["config"]))
         config["ldm_train"]["vqgan_ckpt"] = "vqgan.safetensors"
         slots = {"ema": ["ema"], "raw": ["unet"], "both": ["unet", "ema"]}[weights]
         missing = [s for s in slots if s not in ckpt["state"]]
@@ -130,20 +219,20 @@ def export_release(ckpt_path: str | Path, out_dir: str | Path, weights: str = "e
         state, aliases = {s: ckpt["state"][s] for s in slots}, {}
         if len(slots) == 2 and _same_weights(state["unet"], state["ema"]):
             state, aliases = {"unet": state["unet"]}, {"ema": "unet"}
-        written.append(out / "ldm.safetensors")
-        save_safetensors(written[-1], kind="ldm", step=ckpt["step"], epoch=ckpt["epoch"], config=config,
-                         state=state, extra=ckpt.get("extra"), aliases=aliases)
-    written.append(out / "config.yaml")
-    atomic_write_text(written[-1], "# The config stored in the .safetensors headers (which is what the loaders "
-                      "read), as YAML for reading.\n" + yaml.safe_dump(config, sort_keys=False))
+        save_safetensors(out / "ldm.safetensors", kind="ldm", step=ckpt["step"], epoch=ckpt["epoch"],
+                         config=config, state=state, extra=ckpt.get("extra"), aliases=aliases)
+        saved(out / "ldm.safetensors")
+    text = ("# The config stored in the .safetensors headers (which is what the loaders read), as YAML for "
+            "reading.\n" + yaml.safe_dump(config, sort_keys=False))
+    _write(out / "config.yaml", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    saved(out / "config.yaml")
     files = {p.name: sha256(p) for p in written}
     card = model_card(config, kind=ckpt["kind"], title=title or f"{config['run']['name']} ({ckpt['kind']})",
                       source=source or [f"Trained with this project: `{ckpt_path}` (step {ckpt['step']}, "
                                         f"weights: {weights})."],
                       scores=scores, scores_note=scores_note, files=files)
-    written.append(out / "MODEL_CARD.md")
-    atomic_write_text(written[-1], card)
-    return written
+    _write(out / "MODEL_CARD.md", lambda tmp: Path(tmp).write_text(card, encoding="utf-8"))
+    saved(out / "MODEL_CARD.md")
 
 
 def sha256(path: str | Path) -> str:
