@@ -308,35 +308,118 @@ def _read_dicom(p: Path, max_pixels: int | None) -> XrayImage:
         raise ImageError(p, f"DICOM pixel array of shape {stored.shape}: expected one 2-D frame")
     bits = int(ds.get("BitsStored", 16))
     signed = int(ds.get("PixelRepresentation", 0)) == 1
-    lo_stored = -(2 ** (bits - 1)) if signed else 0
-    hi_stored = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
-    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-    values = stored.astype(np.float64) * slope + intercept  # modality LUT (rescale)
-    lo, hi = sorted((lo_stored * slope + intercept, hi_stored * slope + intercept))
-    pixels = (values - lo) / (hi - lo)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise ImageError(p, f"DICOM photometric interpretation {photometric}: expected MONOCHROME1/2")
+    levels = _stored_levels(stored, bits, signed)
+    try:
+        curve, how = _display_curve(ds, levels, stored)
+    except Exception as e:   # a malformed Modality or VOI LUT, a window width < 1, ...
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise ImageError(p, f"cannot apply the file's modality / VOI LUT ({type(e).__name__}: {first_line})") from None
+    pixels = curve[np.searchsorted(levels, stored)]
     if photometric == "MONOCHROME1":  # air bright: invert so that bones are bright, air dark
         pixels = 1.0 - pixels
-    elif photometric != "MONOCHROME2":
-        raise ImageError(p, f"DICOM photometric interpretation {photometric}: expected MONOCHROME1/2")
-    meta = {"photometric": photometric, "rescale": (slope, intercept), "range": (lo, hi),
-            "signed": signed, "stored_dtype": str(stored.dtype)}
+    meta = {"photometric": photometric, "display": how, "levels": levels, "curve": curve,
+            "signed": signed, "stored_dtype": str(stored.dtype), "stored_range": (int(levels[0]), int(levels[-1]))}
     return XrayImage(pixels=pixels.clip(0, 1).astype(np.float32), bit_depth=bits, path=str(p),
                      dicom=ds, meta=meta)
 
 
+def _stored_levels(stored: np.ndarray, bits: int, signed: bool) -> np.ndarray:
+    """Every value the file can store (BitsStored, PixelRepresentation), sorted: at most 65,536 for
+    the usual ≤ 16 bits; for deeper data only the values present, to keep the table small."""
+    lo = -(2 ** (bits - 1)) if signed else 0
+    hi = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+    if hi - lo < 2**17:
+        return np.arange(lo, hi + 1, dtype=np.int64)
+    return np.unique(stored.astype(np.int64))
+
+
+# The attributes pydicom's modality and VOI functions read (they convert some of them in place, so
+# they get a copy of these, not the dataset that is later written back).
+LUT_KEYWORDS = ("PhotometricInterpretation", "BitsStored", "PixelRepresentation", "RescaleSlope",
+                "RescaleIntercept", "ModalityLUTSequence", "WindowCenter", "WindowWidth", "VOILUTFunction",
+                "VOILUTSequence")
+
+
+def _display_curve(ds, levels: np.ndarray, stored: np.ndarray) -> tuple[np.ndarray, str]:
+    """The [0, 1] value of each stored level, as a DICOM viewer shows the file; and how it was made.
+
+    The Modality LUT (rescale slope / intercept, or a Modality LUT Sequence) gives the modality's
+    values (e.g. Hounsfield units), then the file's first VOI window or VOI LUT what is meant to be
+    seen, through pydicom's ``apply_modality_lut`` and ``apply_voi_lut``; the VOI output is scaled
+    to [0, 1] over its range. Without a VOI the image's own minimum and maximum modality values are
+    black and white (a viewer's default): scaling the full declared range (signed 16 bits for
+    values 127..2191) would show the model a flat grey. The same curve, inverted, maps a result
+    back to stored values (:func:`to_dicom_stored`).
+    """
+    import copy
+
+    from pydicom.dataset import Dataset
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    lut_ds = Dataset()
+    for keyword in LUT_KEYWORDS:
+        if keyword in ds:
+            lut_ds[keyword] = copy.deepcopy(ds[keyword])
+    if getattr(ds, "file_meta", None) is not None:
+        lut_ds.file_meta = ds.file_meta       # the byte order of OW LUT data; only read
+    lut_ds.set_original_encoding(*ds.original_encoding)
+    values = np.asarray(apply_modality_lut(levels, lut_ds), dtype=np.float64)
+    has_voi = bool(ds.get("VOILUTSequence")) or ("WindowCenter" in ds and "WindowWidth" in ds)
+    if has_voi:
+        # a VOI LUT indexes by integer values; a rescale gives floats that are integers in practice
+        integral = np.array_equal(values, np.round(values))
+        shown = np.asarray(apply_voi_lut(values.astype(np.int64) if integral else values, lut_ds), dtype=np.float64)
+        lo, hi = shown.min(), shown.max()
+        how = "VOI LUT" if ds.get("VOILUTSequence") else f"VOI window {ds['WindowCenter'].value}/{ds['WindowWidth'].value}"
+    else:
+        shown = values
+        present = values[np.searchsorted(levels, stored)]
+        lo, hi = present.min(), present.max()
+        if hi <= lo:                         # a flat image: its declared range, not a division by zero
+            lo, hi = values.min(), values.max()
+        how = "the image's modality minimum and maximum (no VOI in the file)"
+    curve = (shown - lo) / (hi - lo) if hi > lo else np.zeros_like(shown)
+    return np.clip(curve, 0.0, 1.0), how
+
+
 def to_dicom_stored(pixels: np.ndarray, image: XrayImage) -> np.ndarray:
-    """Map [0, 1] display pixels back to the stored values of ``image``'s DICOM encoding."""
-    lo, hi = image.meta["range"]
-    slope, intercept = image.meta["rescale"]
-    x = np.clip(pixels.astype(np.float64), 0.0, 1.0)
+    """Map [0, 1] display pixels back to stored values of ``image``'s DICOM encoding (its pixel
+    representation, bits and byte order) through the inverse of the read's display curve.
+
+    Within the VOI window the map is exact (a read image written back gives its stored values); a
+    value the window clips (above or below it) is written at the window's edge, which a viewer using
+    the file's window shows identically.
+    """
+    x = np.clip(np.nan_to_num(pixels.astype(np.float64), nan=0.0), 0.0, 1.0)
     if image.meta["photometric"] == "MONOCHROME1":
         x = 1.0 - x
-    stored = np.round((x * (hi - lo) + lo - intercept) / slope)
+    xp, fp = _inverse_curve(image.meta["curve"], image.meta["levels"])
+    lo, hi = image.meta["stored_range"]
+    stored = np.clip(np.round(np.interp(x, xp, fp)), lo, hi)
     # Little-endian, as the Explicit VR Little Endian file it goes into: a big-endian source's
     # pixel_array has a '>' dtype whose bytes would otherwise be written swapped.
-    return stored.astype(image.dicom.pixel_array.dtype.newbyteorder("<"))
+    return stored.astype(np.dtype(image.meta["stored_dtype"]).newbyteorder("<"))
+
+
+def _inverse_curve(curve: np.ndarray, levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(display values increasing, stored level for each) to interpolate the inverse of ``curve``.
+
+    A monotone curve is cut to its rising part, from the last level at its minimum to the first at
+    its maximum (the window's edges), so that black and white go back to the window's edges and not
+    to the ends of the stored range; a level run that shows one value (a VOI LUT's step) is its
+    mean. A curve that is not monotone (a strange LUT) is inverted by sorting, run means likewise.
+    """
+    c, lv = curve, levels.astype(np.float64)
+    if c[-1] < c[0]:                         # falling (a negative rescale slope): read it backwards
+        c, lv = c[::-1], lv[::-1]
+    if np.all(np.diff(c) >= 0):
+        start, end = np.flatnonzero(c == c[0])[-1], np.flatnonzero(c == c[-1])[0]
+        c, lv = c[start:end + 1], lv[start:end + 1]
+    values, run = np.unique(c, return_inverse=True)
+    return values, np.bincount(run, weights=lv) / np.bincount(run)
 
 
 SOFTWARE = "bone-suppression toolkit (BS-LDM / GL-LCM re-implementation)"

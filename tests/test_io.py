@@ -76,8 +76,10 @@ def test_real_dicom_monochrome1(dicom_chest, tmp_path):
     assert img.size == (1955, 1841) and img.bit_depth == 15
     assert img.meta["photometric"] == "MONOCHROME1" and img.dicom is not None
     raw = img.dicom.pixel_array.astype(np.float64)
-    # inverted: the brightest stored value becomes the darkest pixel, full 15-bit precision kept
-    np.testing.assert_allclose(img.pixels, 1 - raw / 32767, atol=1e-6)
+    # its VOI window 15000/30000 (pydicom's LINEAR: 0 -> black, 29999 -> white), then inverted: the
+    # brightest stored value becomes the darkest pixel, full 15-bit precision kept
+    assert img.meta["display"] == "VOI window 15000/30000"
+    np.testing.assert_allclose(img.pixels, 1 - raw / 29999, atol=1e-6)
     assert len(np.unique(img.pixels)) > 256
     # lungs (air) dark, mediastinum and spine bright in display convention
     h, w = img.size
@@ -93,16 +95,20 @@ def test_real_dicom_monochrome1(dicom_chest, tmp_path):
 
 
 def test_dicom_rescale_applied(dicom_chest, tmp_path):
+    """Rescale slope / intercept (the modality LUT), without a VOI: the image's own modality range."""
     import pydicom
 
     ds = pydicom.dcmread(dicom_chest)
     ds.RescaleSlope, ds.RescaleIntercept = 2.0, -100.0
     ds.PhotometricInterpretation = "MONOCHROME2"
+    del ds.WindowCenter, ds.WindowWidth
     ds.save_as(tmp_path / "r.dcm")
     img = read_image(tmp_path / "r.dcm")
-    raw = ds.pixel_array.astype(np.float64)
-    expected = (raw * 2 - 100 - (-100)) / (32767 * 2)   # range of the rescaled values is [-100, 65434]
+    values = ds.pixel_array.astype(np.float64) * 2 - 100
+    expected = (values - values.min()) / (values.max() - values.min())
     np.testing.assert_allclose(img.pixels, expected, atol=1e-6)
+    write_dicom(tmp_path / "out.dcm", img.pixels, img)                 # and back, exactly
+    np.testing.assert_array_equal(pydicom.dcmread(tmp_path / "out.dcm").pixel_array, ds.pixel_array)
 
 
 # ----------------------------------------------------------------------------------- bad inputs
@@ -243,7 +249,10 @@ def test_big_endian_dicom_round_trips(tmp_path):
     write_dicom(tmp_path / "out.dcm", im.pixels, im)
     out = pydicom.dcmread(tmp_path / "out.dcm")
     assert out.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
-    np.testing.assert_array_equal(out.pixel_array.astype(np.int64), pydicom.dcmread(src).pixel_array.astype(np.int64))
+    # its VOI window 600/1600 shows -200..1399 (pydicom's LINEAR window); values beyond are written at
+    # the window's edge, which a viewer using that window shows identically (5 % of the pixels here)
+    expected = np.clip(pydicom.dcmread(src).pixel_array.astype(np.int64), -200, 1399)
+    np.testing.assert_array_equal(out.pixel_array.astype(np.int64), expected)
 
 
 def _testdata(name):
@@ -336,3 +345,60 @@ def test_damaged_exif_orientation_is_one_clear_error(tmp_path):
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "b.jpg", exif=exif.tobytes())
     with pytest.raises(ImageError, match=r"b.jpg: EXIF orientation 9 is not one of 1..8"):
         read_image(tmp_path / "b.jpg")
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm"])
+def test_signed_dicom_gets_its_modality_and_voi_lut_and_is_written_back_as_stored(tmp_path, name):
+    """Before: signed 16-bit CT_small / MR_small (values 127..2191 stored as int16) were scaled to the
+    declared range -32768..32767, so the model saw a flat grey (std 0.01). Now the modality LUT
+    (CT_small: -1024 HU intercept) and the VOI window (MR_small: 600/1600) apply, as pydicom's
+    apply_modality_lut / apply_voi_lut give them; the derived DICOM keeps int16 and BitsStored, and
+    a read image written back gives its stored values (within the window)."""
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    src = _testdata(name)
+    ds = pydicom.dcmread(src)
+    img = read_image(src)
+    assert img.pixels.std() > 0.15 and img.pixels.max() - img.pixels.min() > 0.75
+    shown = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds).astype(np.float64)
+    if name == "MR_small.dcm":               # the window's output range: signed 16 bits
+        expected = (shown + 32768) / 65535
+    else:                                    # no VOI: the image's own range of Hounsfield units
+        expected = (shown - shown.min()) / (shown.max() - shown.min())
+    np.testing.assert_allclose(img.pixels, expected, atol=1e-6)
+    write_dicom(tmp_path / "out.dcm", img.pixels, img)
+    out = pydicom.dcmread(tmp_path / "out.dcm")
+    assert (out.PixelRepresentation, out.BitsStored, out.BitsAllocated) == (1, 16, 16)
+    assert out.pixel_array.dtype == np.int16
+    lo, hi = (-200, 1399) if name == "MR_small.dcm" else (-32768, 32767)
+    np.testing.assert_array_equal(out.pixel_array, np.clip(ds.pixel_array, lo, hi))
+    # a darker result goes back darker, in the modality's own units
+    write_dicom(tmp_path / "dark.dcm", img.pixels * 0.5, img)
+    dark = apply_modality_lut(pydicom.dcmread(tmp_path / "dark.dcm").pixel_array, ds)
+    assert dark.mean() < apply_modality_lut(ds.pixel_array, ds).mean()
+
+
+def test_dicom_with_a_voi_lut_sequence_round_trips(dicom_chest, tmp_path):
+    """RG1_UNCR with its window replaced by a VOI LUT Sequence (a gamma-like table over the stored
+    range): read through the table, written back through its inverse within one LUT step."""
+    import pydicom
+    from pydicom.dataset import Dataset
+    from pydicom.pixels import apply_voi_lut
+
+    ds = pydicom.dcmread(dicom_chest)
+    del ds.WindowCenter, ds.WindowWidth
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 16]
+    item.add_new(0x00283006, "US", [int(round(65535 * (i / 4095) ** 0.5)) for i in range(4096)])   # LUTData
+    ds.VOILUTSequence = [item]
+    ds.save_as(tmp_path / "lut.dcm")
+    img = read_image(tmp_path / "lut.dcm")
+    assert img.meta["display"] == "VOI LUT"
+    ds = pydicom.dcmread(tmp_path / "lut.dcm")
+    np.testing.assert_allclose(img.pixels, 1 - apply_voi_lut(ds.pixel_array, ds) / 65535, atol=1e-6)
+    write_dicom(tmp_path / "out.dcm", img.pixels, img)
+    back = pydicom.dcmread(tmp_path / "out.dcm").pixel_array.astype(np.int64)
+    src = np.minimum(ds.pixel_array.astype(np.int64), 4095)       # the table ends at 4095: white beyond
+    inside = ds.pixel_array < 4095
+    np.testing.assert_array_equal(back[inside], src[inside])

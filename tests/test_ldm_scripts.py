@@ -500,3 +500,22 @@ def test_moved_run_tree_trained_with_absolute_paths_finds_its_first_stage(tmp_pa
     summary = ldm_eval.main(cfg, moved, input_dir=folder, out_dir=tmp_path / "out", progress=False)
     assert summary["written"] == 1 and not summary["failures"]
     assert ldm_eval.first_stage(moved, cfg, cfg) == tmp_path / "new" / "proj" / "vqgan" / "best.pt"
+
+
+def test_eval_writes_a_signed_dicom_back_in_its_representation(untrained, tmp_path):
+    """MR_small (int16, VOI window 600/1600) through ldm_eval: the derived DICOM keeps int16, 16 bits
+    stored and the window, and its values lie in the window's stored range (read as the viewer sees it)."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "mr.dcm").write_bytes(open(get_testdata_file("MR_small.dcm"), "rb").read())
+    cfg = ldm_eval.config_for(ldm_eval.build_parser().parse_args(["--ckpt", str(untrained), *EVAL_FAST[:1]]))
+    summary = ldm_eval.main(cfg, untrained, input_dir=folder, out_dir=tmp_path / "out", progress=False)
+    assert summary["written"] == 1 and not summary["failures"]
+    out, src = pydicom.dcmread(tmp_path / "out" / "mr.dcm"), pydicom.dcmread(folder / "mr.dcm")
+    assert (out.PixelRepresentation, out.BitsStored, out.pixel_array.dtype) == (1, 16, np.int16)
+    assert (out.WindowCenter, out.WindowWidth) == (src.WindowCenter, src.WindowWidth)
+    assert -200 <= out.pixel_array.min() and out.pixel_array.max() <= 1399
+    assert read_image(tmp_path / "out" / "mr.png").bit_depth == 16
