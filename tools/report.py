@@ -23,6 +23,8 @@ import base64
 import html
 import io
 import json
+import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +51,7 @@ figure{margin:0;text-align:center;font-size:.85em}figure img{width:200px;height:
 .slider .top{position:absolute;top:0;left:0;width:100%;height:100%;clip-path:inset(0 50% 0 0)}
 .slider input{width:300px}
 .note{color:#555;font-size:.9em}
+.missing{color:#a00;font-weight:bold}
 .zoom img{width:256px;height:256px;image-rendering:pixelated}
 """
 
@@ -72,6 +75,31 @@ if(location.hash==='#selftest'){
 """
 
 
+class ReportError(ValueError):
+    """An input file of the report is unusable; the message names it."""
+
+
+def text(value) -> str:
+    """Any value read from a file, as HTML text: escaped, and cut to 200 characters."""
+    s = str(value)
+    return html.escape(s if len(s) <= 200 else s[:197] + "...")
+
+
+def number(value) -> float | None:
+    """``value`` if it is a finite number (not a bool), else None: a file's field is never trusted to be one."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def cell(value, fmt: str = ".3f") -> str:
+    """A table cell: a number formatted with ``fmt``, anything else as escaped text, missing as a dash."""
+    if value is None:
+        return "–"
+    v = number(value)
+    return format(v, fmt) if v is not None else text(value)
+
+
 def png_data_uri(pixels: np.ndarray) -> str:
     """float [0, 1] (H, W) -> data:image/png;base64,..."""
     arr = (np.clip(pixels, 0, 1) * 255).round().astype(np.uint8)
@@ -80,8 +108,18 @@ def png_data_uri(pixels: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
 def file_data_uri(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+    """A PNG file as a data URI; raises ReportError (naming it) for a missing, unreadable or non-PNG file."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ReportError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if not data.startswith(PNG_MAGIC):
+        raise ReportError(f"{path}: not a PNG file")
+    return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
 def thumbnail(pixels: np.ndarray, side: int = 300) -> np.ndarray:
@@ -111,39 +149,48 @@ def histogram_png(pred: list[np.ndarray], target: list[np.ndarray]) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def _mapping(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
 def metrics_table(summaries: dict[str, dict]) -> str:
-    """Rows = metrics, columns = runs (e.g. model / identity), cells mean ± std from metrics.py JSON."""
+    """Rows = metrics, columns = runs (e.g. model / identity), cells mean ± std from metrics.py JSON.
+    Every field comes from a file: numbers are formatted, anything else is escaped text or a dash."""
     cols = list(summaries)
-    out = ["<table><tr><th>metric</th>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>"]
+    out = ["<table><tr><th>metric</th>" + "".join(f"<th>{text(c)}</th>" for c in cols) + "</tr>"]
     for key, label, scale in METRIC_ROWS:
         cells = []
         for c in cols:
-            m = summaries[c].get("metrics", {}).get(key)
-            if not m or m.get("mean") is None:
-                cells.append("<td>–</td>")
-            else:
-                cells.append(f"<td>{m['mean'] * scale:.3f} ± {m['std'] * scale:.3f}</td>")
-        if any(cell != "<td>–</td>" for cell in cells):
+            m = _mapping(_mapping(summaries[c]).get("metrics")).get(key)
+            mean, std = number(_mapping(m).get("mean")), number(_mapping(m).get("std"))
+            cells.append("<td>–</td>" if mean is None else
+                         f"<td>{mean * scale:.3f} ± {cell(None if std is None else std * scale)}</td>")
+        if any(c != "<td>–</td>" for c in cells):
             out.append(f"<tr><td>{html.escape(label)}</td>{''.join(cells)}</tr>")
-    n = {c: summaries[c].get("n_scored", "?") for c in cols}
-    out.append("<tr><td>images scored</td>" + "".join(f"<td>{n[c]}</td>" for c in cols) + "</tr></table>")
+    n = {c: _mapping(summaries[c]).get("n_scored", "?") for c in cols}
+    out.append("<tr><td>images scored</td>" + "".join(f"<td>{cell(n[c], 'g')}</td>" for c in cols) + "</tr></table>")
     return "\n".join(out)
 
 
 def benchmark_table(rows: list[dict]) -> str:
+    """The tools.benchmark rows; every field comes from a file, so each is formatted or escaped, never trusted."""
     out = ["<table><tr><th>scenario</th><th>sampler</th><th>steps</th><th>UNet calls</th><th>encode s</th>"
            "<th>sample s</th><th>decode s</th><th>fusion s</th><th>total s</th><th>peak memory</th></tr>"]
+    rows = [r for r in rows if isinstance(r, dict)]
     for r in rows:
-        s = r["seconds"]
-        steps = f"{r['steps']}" + (f" (timed {r['steps_timed']}, extrapolated)" if r.get("extrapolated") else "")
-        name = r["scenario"] + (f" ({r['precision']})" if "precision" in r else "")
-        out.append(f"<tr><td>{name}</td><td>{r['sampler']}</td><td>{steps}</td><td>{r['unet_calls']}</td>"
-                   f"<td>{s['encode']:.3f}</td><td>{s['sample']:.3f}</td><td>{s['decode']:.3f}</td>"
-                   f"<td>{s['fusion']:.3f}</td><td>{s['total']:.3f}</td>"
-                   f"<td>{r['peak_memory_bytes'] / 2**20:.0f} MiB</td></tr>")
+        s = _mapping(r.get("seconds"))
+        steps = cell(r.get("steps"), "g") + (f" (timed {cell(r.get('steps_timed'), 'g')}, extrapolated)"
+                                             if r.get("extrapolated") else "")
+        name = cell(r.get("scenario")) + (f" ({cell(r['precision'])})" if "precision" in r else "")
+        mem = number(r.get("peak_memory_bytes"))
+        out.append(f"<tr><td>{name}</td><td>{cell(r.get('sampler'))}</td><td>{steps}</td>"
+                   f"<td>{cell(r.get('unet_calls'), 'g')}</td>"
+                   + "".join(f"<td>{cell(s.get(k))}</td>" for k in ("encode", "sample", "decode", "fusion", "total"))
+                   + f"<td>{'–' if mem is None else f'{mem / 2**20:.0f} MiB'}</td></tr>")
     out.append("</table>")
     if rows:
-        out.append(f"<p class='note'>{html.escape(rows[0]['device'])}, {rows[0]['image']}² input, one image.</p>")
+        out.append(f"<p class='note'>{cell(rows[0].get('device'))}, {cell(rows[0].get('image'), 'g')}² input, "
+                   "one image.</p>")
     return "\n".join(out)
 
 
@@ -185,26 +232,18 @@ def build_report(root: Path, pred_dir: Path, names: list[str], metrics: dict[str
                  benchmark: list[dict] | None = None, curves: dict[str, Path] | None = None,
                  title: str = "Bone suppression report", notes: list[str] | None = None) -> str:
     """The HTML text. ``metrics``: {"column name": metrics.py summary JSON}; ``curves``: {label: PNG}."""
-    cases, preds, targets = [], [], []
+    cases, preds, targets, missing = [], [], [], []
     for name in names:
-        cxr = read_image(root / "CXR" / name).pixels
-        gt = read_image(root / "BS" / name).pixels
-        pred = read_image(pred_dir / name).pixels
+        try:
+            case, pred, gt = case_html(root, pred_dir, name)
+        except Exception as e:     # this case's failure: a visible placeholder, the other cases still shown
+            why = " ".join(str(e).split()) or type(e).__name__
+            missing.append(name)
+            cases.append(f"<h3>{html.escape(name)}</h3><p class='missing'>not shown: {text(why)}</p>")
+            continue
+        cases.append(case)
         preds.append(pred)
         targets.append(gt)
-        bone = np.clip((cxr - pred) * 2 + 0.5, 0, 1)           # removed bone, mid-grey = nothing removed
-        tiles = [("CXR", cxr), ("prediction", pred), ("target (soft tissue)", gt), ("removed bone ×2", bone)]
-        figs = "".join(f"<figure><img alt='{html.escape(t)}' src='{png_data_uri(thumbnail(p, 200))}'>"
-                       f"<figcaption>{html.escape(t)}</figcaption></figure>" for t, p in tiles)
-        slider = (f"<figure><div class='slider'><img alt='CXR' src='{png_data_uri(thumbnail(cxr))}'>"
-                  f"<img class='top' alt='prediction' src='{png_data_uri(thumbnail(pred))}'>"
-                  f"<input type='range' min='0' max='100' value='50' aria-label='before/after {html.escape(name)}'>"
-                  f"</div><figcaption>slide: prediction (left) / CXR (right)</figcaption></figure>")
-        mask_path = root / "Mask" / name
-        mask = read_image(mask_path).pixels > 0.5 if mask_path.is_file() else None
-        cases.append(f"<h3>{html.escape(name)}</h3><div class='case'>{figs}{slider}</div>"
-                     f"<p class='note'>At native pixels (2× zoom, no smoothing), inside the lung:</p>"
-                     f"<div class='case'>{zoom_figures(cxr, pred, gt, mask)}</div>")
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              # Page errors, failed resources (capture phase) and console.error calls all land in
              # window.__errors, which the #selftest run writes into the DOM for the headless test.
@@ -215,6 +254,9 @@ def build_report(root: Path, pred_dir: Path, names: list[str], metrics: dict[str
              f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
     for note in notes or []:
         parts.append(f"<p class='note'>{html.escape(note)}</p>")
+    if missing:
+        parts.append(f"<p class='missing'>{len(missing)} of {len(names)} listed images could not be shown "
+                     f"(see Test images): {text(', '.join(missing))}</p>")
     if metrics:
         parts.append("<h2>Metrics on the test split</h2>" + metrics_table(metrics))
         parts.append("<p class='note'>Corrected metrics at native resolution (symmetric BSR: 1 = perfect, "
@@ -223,30 +265,95 @@ def build_report(root: Path, pred_dir: Path, names: list[str], metrics: dict[str
                      "Baselines: the identity (the CXR itself) and the tone curve (one global lookup table "
                      "CXR → soft tissue fitted on the training split): a model that does not beat the tone "
                      "curve has not learned to remove bones.</p>")
-    parts.append(f"<h2>Intensity histograms</h2><img alt='histograms' src='{histogram_png(preds, targets)}'>")
+    if preds:
+        parts.append(f"<h2>Intensity histograms</h2><img alt='histograms' src='{histogram_png(preds, targets)}'>")
     if benchmark:
         parts.append("<h2>Sampling benchmark</h2>" + benchmark_table(benchmark))
     if curves:
-        parts.append("<h2>Training curves</h2>" + "".join(
-            f"<figure><img style='width:560px' alt='{html.escape(k)}' src='{file_data_uri(v)}'>"
-            f"<figcaption>{html.escape(k)}</figcaption></figure>" for k, v in curves.items() if Path(v).is_file()))
+        parts.append("<h2>Training curves</h2>" + "".join(curve_figure(k, Path(v)) for k, v in curves.items()))
     parts.append("<h2>Test images</h2>" + "".join(cases))
     parts.append(f"<script>{JS}</script></body></html>")
     return "\n".join(parts)
+
+
+def case_html(root: Path, pred_dir: Path, name: str) -> tuple[str, np.ndarray, np.ndarray]:
+    """(the HTML of one listed image, its prediction, its target); raises if an image cannot be read."""
+    cxr = read_image(root / "CXR" / name).pixels
+    gt = read_image(root / "BS" / name).pixels
+    pred = read_image(pred_dir / name).pixels
+    if not cxr.shape == gt.shape == pred.shape:
+        raise ValueError(f"sizes differ: CXR {cxr.shape}, target {gt.shape}, prediction {pred.shape}")
+    bone = np.clip((cxr - pred) * 2 + 0.5, 0, 1)           # removed bone, mid-grey = nothing removed
+    tiles = [("CXR", cxr), ("prediction", pred), ("target (soft tissue)", gt), ("removed bone ×2", bone)]
+    figs = "".join(f"<figure><img alt='{html.escape(t)}' src='{png_data_uri(thumbnail(p, 200))}'>"
+                   f"<figcaption>{html.escape(t)}</figcaption></figure>" for t, p in tiles)
+    slider = (f"<figure><div class='slider'><img alt='CXR' src='{png_data_uri(thumbnail(cxr))}'>"
+              f"<img class='top' alt='prediction' src='{png_data_uri(thumbnail(pred))}'>"
+              f"<input type='range' min='0' max='100' value='50' aria-label='before/after {html.escape(name)}'>"
+              f"</div><figcaption>slide: prediction (left) / CXR (right)</figcaption></figure>")
+    mask_path = root / "Mask" / name
+    mask = read_image(mask_path).pixels > 0.5 if mask_path.is_file() else None
+    if mask is not None and mask.shape != cxr.shape:
+        mask = None                                        # a mismatched mask only moves the crop window
+    return (f"<h3>{html.escape(name)}</h3><div class='case'>{figs}{slider}</div>"
+            f"<p class='note'>At native pixels (2× zoom, no smoothing), inside the lung:</p>"
+            f"<div class='case'>{zoom_figures(cxr, pred, gt, mask)}</div>"), pred, gt
+
+
+def curve_figure(label: str, path: Path) -> str:
+    """One training-curve PNG, or a visible placeholder naming the file that could not be embedded."""
+    try:
+        src = file_data_uri(path)
+    except ReportError as e:
+        return f"<p class='missing'>{html.escape(label)}: not shown: {text(e)}</p>"
+    return (f"<figure><img style='width:560px' alt='{html.escape(label)}' src='{src}'>"
+            f"<figcaption>{html.escape(label)}</figcaption></figure>")
+
+
+def read_json(path: str | Path, what: str):
+    """A JSON input of the report; a missing, unreadable or invalid file is a ReportError naming it."""
+    p = Path(path)
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ReportError(f"{p}: {what} not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ReportError(f"{p}: {what} cannot be read ({getattr(e, 'strerror', None) or e})") from None
+    except RecursionError:
+        raise ReportError(f"{p}: {what} is nested too deeply") from None
+    except ValueError as e:
+        raise ReportError(f"{p}: {what} is not JSON ({e})") from None
 
 
 def main(root: str | Path, pred: str | Path, list_file: str | Path, out: str | Path,
          metrics: dict[str, str | Path] | None = None, benchmark: str | Path | None = None,
          curves: dict[str, str | Path] | None = None, title: str = "Bone suppression report",
          notes: list[str] | None = None) -> Path:
-    """Write the report; returns its path."""
-    summaries = {k: json.loads(Path(v).read_text()) for k, v in (metrics or {}).items()}
-    bench = json.loads(Path(benchmark).read_text()) if benchmark else None
-    bench = bench["rows"] if isinstance(bench, dict) else bench          # tools.benchmark --out: {"rows", "flops"}
-    text = build_report(Path(root), Path(pred), read_list(list_file), summaries, bench,
+    """Write the report; returns its path. Raises ReportError / OSError (each naming its file) for an
+    unusable JSON input or list, or an output that cannot be written; a listed image that cannot be
+    read is a placeholder in the report."""
+    summaries = {k: read_json(v, "metrics summary") for k, v in (metrics or {}).items()}
+    bad = [str(v) for k, v in (metrics or {}).items() if not isinstance(summaries[k], dict)]
+    if bad:
+        raise ReportError(f"{bad[0]}: not a metrics.py summary (a JSON object)")
+    bench = read_json(benchmark, "benchmark") if benchmark else None
+    bench = bench.get("rows") if isinstance(bench, dict) else bench     # tools.benchmark --out: {"rows", "flops"}
+    if bench is not None and not isinstance(bench, list):
+        raise ReportError(f"{benchmark}: not a tools.benchmark output (no list of rows)")
+    page = build_report(Path(root), Path(pred), read_list(list_file), summaries, bench,
                         {k: Path(v) for k, v in (curves or {}).items()}, title, notes)
-    atomic_write_text(out, text)
+    try:
+        atomic_write_text(out, page)
+    except OSError as e:     # a full disk: Python's error names no file
+        raise OSError(f"{out}: not written ({e.strerror or e})") from None
     return Path(out)
+
+
+def _pairs(items: list[str], flag: str, parser: argparse.ArgumentParser) -> dict[str, str]:
+    bad = [i for i in items if "=" not in i]
+    if bad:
+        parser.error(f"{flag} {bad[0]}: expected LABEL=FILE")
+    return dict(i.split("=", 1) for i in items)
 
 
 if __name__ == "__main__":
@@ -259,5 +366,9 @@ if __name__ == "__main__":
     p.add_argument("--benchmark", help="tools.benchmark --out JSON")
     p.add_argument("--curves", nargs="*", default=[], metavar="LABEL=PNG", help="training curves to embed")
     a = p.parse_args()
-    print(main(a.root, a.pred, a.list, a.out, dict(m.split("=", 1) for m in a.metrics), a.benchmark,
-               dict(c.split("=", 1) for c in a.curves)))
+    try:
+        print(main(a.root, a.pred, a.list, a.out, _pairs(a.metrics, "--metrics", p), a.benchmark,
+                   _pairs(a.curves, "--curves", p)))
+    except (ReportError, OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
