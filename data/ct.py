@@ -407,7 +407,7 @@ def plan_views(cfg, volume: Volume) -> list[ViewSpec]:
     """The seeded list of views of ``cfg`` (a CTConfig): train and val from ±train_rotation, test from
     ±test_rotation; each view's draws depend only on (seed, index), not on the other views."""
     base = View(size=cfg.size, pixel_mm=cfg.pixel_mm, cone=cfg.geometry == "cone", sid=cfg.sid_mm,
-                sod=cfg.sid_mm - 150.0, step_mm=float(volume_spacing(volume).min()))
+                sod=cfg.sid_mm - 150.0)
     lung_pts = _lung_points(volume)
     out = []
     counts = (("train", cfg.views_train, cfg.train_rotation), ("val", cfg.views_val, cfg.train_rotation),
