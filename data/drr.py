@@ -85,7 +85,7 @@ class View:
     Attributes:
         size: detector pixels (size × size).
         pixel_mm: pixel pitch at the isocentre (the field of view is size * pixel_mm).
-        rotation: about the body axis (z), positive turns the patient's left towards the source
+        rotation: about the body axis (z), positive turns the patient's left towards the detector
             (an oblique view). tilt: about the left-right axis (x), positive tips the head towards
             the detector (lordotic).
         shift: (right, down) offset of the field in mm, in image axes.
