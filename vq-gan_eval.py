@@ -16,7 +16,8 @@ on [0, 1] and ``recon_summary.json`` their mean ± population std and the codebo
 (perplexity, unused codes) over all images; the summary is also printed.
 
 The config is the checkpoint's own (``--set`` may change data paths); the model is rebuilt from it.
-Unreadable images are reported per file and skipped; the exit status is 1 if any image failed.
+Unreadable images are reported per file and skipped; the exit status is 1 if any image failed. A
+full disk stops the run (what was written stays; exit status 3).
 """
 from __future__ import annotations
 
@@ -120,7 +121,7 @@ def main(cfg, ckpt: str | Path, split: str | None = "test", input_dir: str | Non
     model, ckpt_cfg = load_vqgan(ckpt, device)
     msssim = MSSSIM(data_range=1.0, reduction="none").to(device)
     counts = torch.zeros(model.num_embeddings, dtype=torch.long)
-    rows, failures = [], []
+    rows, failures, stopped = [], [], None
     for rel, src in tqdm(jobs, desc="reconstruct", disable=not progress):
         try:
             img = read_image(src, cfg.data.max_pixels)
@@ -140,11 +141,15 @@ def main(cfg, ckpt: str | Path, split: str | None = "test", input_dir: str | Non
             msg = naming_file(src, e)
             failures.append({"name": rel, "error": msg})
             print(f"vq-gan_eval.py: {msg}", file=sys.stderr)
+            if isinstance(e, ImageError) and e.disk_full:    # no later write can succeed: stop, keep what is written
+                stopped = f"disk full: {e}"
+                break
             continue
         counts += codebook_counts(indices, model.num_embeddings)
         rows.append({"name": rel, "height": img.size[0], "width": img.size[1],
                      "psnr": -10 * math.log10(mse) if mse > 0 else math.inf, "ssim": ssim, "msssim": ms})
     summary = {"checkpoint": str(ckpt), "images": len(jobs), "scored": len(rows), "failures": failures,
+               "stopped": stopped,
                "codebook": {k: float(v) for k, v in usage_from_counts(counts).items()},
                "num_embeddings": model.num_embeddings}
     for key in ("psnr", "ssim", "msssim"):
@@ -155,8 +160,14 @@ def main(cfg, ckpt: str | Path, split: str | None = "test", input_dir: str | Non
     writer = csv.DictWriter(buf, fieldnames=["name", "height", "width", "psnr", "ssim", "msssim"])
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(out_dir / "recon_metrics.csv", buf.getvalue())
-    atomic_write_text(out_dir / "recon_summary.json", json.dumps(summary, indent=2) + "\n")
+    for name, text in (("recon_metrics.csv", buf.getvalue()), ("recon_summary.json", json.dumps(summary, indent=2) + "\n")):
+        try:
+            atomic_write_text(out_dir / name, text)
+        except OSError as e:     # a full disk: one line, the images written stay
+            print(f"vq-gan_eval.py: {out_dir / name}: not written ({e.strerror or e})", file=sys.stderr)
+            summary["stopped"] = summary["stopped"] or f"{out_dir / name}: not written ({e.strerror or e})"
+    if summary["stopped"]:
+        print(f"vq-gan_eval.py: stopped, {summary['stopped']}; the reconstructions written are kept", file=sys.stderr)
     print(f"| {out_dir} | n = {len(rows)} of {len(jobs)} |\n|---|---|")
     for key, label in (("psnr", "PSNR (dB)"), ("ssim", "SSIM"), ("msssim", "MS-SSIM")):
         print(f"| {label} | {summary[key]['mean']:.4f} ± {summary[key]['std']:.4f} |")
@@ -186,4 +197,4 @@ if __name__ == "__main__":
     except (ConfigError, CheckpointError, ImageError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    sys.exit(1 if summary["failures"] else 0)
+    sys.exit(3 if summary["stopped"] else 1 if summary["failures"] else 0)

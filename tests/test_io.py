@@ -402,3 +402,23 @@ def test_dicom_with_a_voi_lut_sequence_round_trips(dicom_chest, tmp_path):
     src = np.minimum(ds.pixel_array.astype(np.int64), 4095)       # the table ends at 4095: white beyond
     inside = ds.pixel_array < 4095
     np.testing.assert_array_equal(back[inside], src[inside])
+
+
+def test_full_disk_while_writing_a_dicom_is_one_line_with_its_errno(tmp_path, monkeypatch):
+    """Before: pydicom re-raises an element's OSError as a new OSError whose message holds the whole
+    traceback, and that went into the error. Now one line, and ENOSPC is recognised as a full disk."""
+    import errno
+
+    import pydicom.filewriter
+
+    img = read_image(_testdata("CT_small.dcm"))
+    _, param = pydicom.filewriter.writers["OW"]
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setitem(pydicom.filewriter.writers, "OW", (full, param))
+    with pytest.raises(ImageError) as caught:
+        write_dicom(tmp_path / "out.dcm", img.pixels, img)
+    assert str(caught.value) == f"{tmp_path / 'out.dcm'}: cannot write (No space left on device)"
+    assert caught.value.disk_full and not list(tmp_path.iterdir())        # no partial file left

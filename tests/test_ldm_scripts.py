@@ -519,3 +519,28 @@ def test_eval_writes_a_signed_dicom_back_in_its_representation(untrained, tmp_pa
     assert (out.WindowCenter, out.WindowWidth) == (src.WindowCenter, src.WindowWidth)
     assert -200 <= out.pixel_array.min() and out.pixel_array.max() <= 1399
     assert read_image(tmp_path / "out" / "mr.png").bit_depth == 16
+
+
+def test_exit_status_design():
+    """1 for a failed image on one process; 0 from every torchrun process (the failures are in the
+    final line and timing.json; a non-zero rank makes torchrun print a crash report); 3 when stopped."""
+    ok, failed = {"failures": [], "stopped": None}, {"failures": [{"name": "a"}], "stopped": None}
+    assert [ldm_eval.exit_status(s, False) for s in (ok, failed)] == [0, 1]
+    assert [ldm_eval.exit_status(s, True) for s in (ok, failed)] == [0, 0]
+    assert ldm_eval.exit_status({**failed, "stopped": "disk full: x"}, True) == 3
+
+
+@pytest.mark.slow
+def test_torchrun_partial_failure_is_no_crash(untrained, tmp_path):
+    """Before: one bad image under torchrun gave a non-zero rank and the launcher's traceback. Now every
+    process exits 0, the failure is listed in the summary line and in timing.json."""
+    folder = _folder_of_images(tmp_path / "in", ["a.png", "b.png", "c.png"])
+    (folder / "bad.png").write_bytes(b"\x89PNG broken")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "ldm_eval.py", "--ckpt", str(untrained), "--input", str(folder), "--out", str(tmp_path / "out"),
+                          *EVAL_FAST], cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         timeout=300)
+    assert res.returncode == 0 and "Traceback" not in res.stderr and "ChildFailedError" not in res.stderr, res.stderr
+    assert "3 of 4 images written, 0 already done, 1 failed (2 processes)" in res.stdout
+    timing = json.loads((tmp_path / "out" / "timing.json").read_text())
+    assert [f["name"] for f in timing["failures"]] == ["bad.png"] and timing["processes"] == 2

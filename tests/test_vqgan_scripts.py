@@ -218,3 +218,28 @@ def test_eval_output_names_agree_with_their_content(untrained_vqgan, tmp_path):
     (folder / "j.png").write_bytes((tmp_path / "out" / "j.png").read_bytes())
     res = _eval_cli(untrained_vqgan, "--input", folder, "--out", tmp_path / "out2")
     assert res.returncode == 2 and "would both be written as j.png" in res.stderr
+
+
+def test_eval_full_disk_stops_cleanly(untrained_vqgan, tmp_path, monkeypatch):
+    """ENOSPC on the second image: the first stays, the run stops, the summary says why."""
+    import errno
+
+    import data.io
+
+    folder = tmp_path / "in"
+    for i in range(4):
+        write_gray(folder / f"x{i}.png", np.full((16, 16), 40 * i, np.uint8))
+    real, calls = data.io.atomic_write, []
+
+    def filling_disk(path, write, *inputs):
+        calls.append(path)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, write, *inputs)
+
+    monkeypatch.setattr(data.io, "atomic_write", filling_disk)
+    cfg = evaluate.config_for(evaluate.build_parser().parse_args(["--ckpt", str(untrained_vqgan)]))
+    summary = evaluate.main(cfg, untrained_vqgan, input_dir=folder, out_dir=tmp_path / "out", progress=False)
+    assert summary["stopped"] == f"disk full: {tmp_path / 'out' / 'x1.png'}: cannot write (No space left on device)"
+    assert summary["scored"] == 1 and len(summary["failures"]) == 1
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["x0.png"]
