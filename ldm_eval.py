@@ -19,13 +19,20 @@ lungs (``global_local.fusion``: poisson | alpha | none). Lung masks come from ``
 (default ``<data.root>/Mask`` for a split) or from the built-in segmenter
 (``--set global_local.masks=auto``); ``--global-only`` switches the local path off.
 
-Outputs: ``<out>/<name>`` with the input's name, size and bit depth (PNG; a DICOM input also gets a
-derived DICOM of the same study); ``--save-paths`` adds the model-size global, local and fused
-images. The EMA weights are used unless ``--weights raw``. Each image's noise comes from its own
-generators, seeded by ``sampler.seed`` and the file name, so the same checkpoint, config and seed
-give the same image whatever the batch or the order. Finished outputs are skipped (resumable;
-``--overwrite`` redoes them); the output folder may not be the input folder; a bad file is
-reported and the others go on. Precision and layout come from ``inference`` (``--precision``:
+Outputs: ``<out>/<name>`` with the input's size and bit depth; its name and format agree
+(``data.io.output_name``): a PNG or TIFF input gives a PNG or TIFF of its own name, a JPEG or DICOM
+input ``<stem>.png`` (a DICOM input also gets a derived DICOM of the same study, in the source's
+pixel representation); ``--save-paths`` adds the model-size global, local and fused images. The EMA
+weights are used unless ``--weights raw``. Each image's noise comes from its own generators, seeded
+by ``sampler.seed`` and the file name, so the same checkpoint, config and seed give the same image
+whatever the batch or the order. Finished outputs are skipped (resumable; ``--overwrite`` redoes
+them); the output folder may not be an input folder (by any path to it). A bad file, or an output
+that cannot be written (a folder or a symbolic link at its name, a header pydicom cannot write), is
+that image's failure, reported in one line, and the others go on; a full disk stops the run: what
+was written stays and is counted (``not_processed``, ``stopped`` in ``timing.json``), exit status 3.
+Exit status 1 when an image failed, except under ``torchrun``, where every process exits 0 and the
+failures are in the last line and ``timing.json`` (a non-zero process makes the launcher report a
+crash). Precision and layout come from ``inference`` (``--precision``:
 ``auto`` runs bf16 on CUDA and on CPUs where it is measured faster, see ``models/precision.py``);
 with ``inference.local_crop`` the local path encodes and decodes only the lungs' box. Under
 ``torchrun`` the sorted images are dealt out to the processes (GPUs, or CPU processes sharing the
