@@ -350,7 +350,7 @@ def test_damaged_exif_orientation_is_one_clear_error(tmp_path):
 @pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm"])
 def test_signed_dicom_gets_its_modality_and_voi_lut_and_is_written_back_as_stored(tmp_path, name):
     """Before: signed 16-bit CT_small / MR_small (values 127..2191 stored as int16) were scaled to the
-    declared range -32768..32767, so the model saw a flat grey (std 0.01). Now the modality LUT
+    declared range -32768..32767, so the model saw a flat grey (std 0.006). Now the modality LUT
     (CT_small: -1024 HU intercept) and the VOI window (MR_small: 600/1600) apply, as pydicom's
     apply_modality_lut / apply_voi_lut give them; the derived DICOM keeps int16 and BitsStored, and
     a read image written back gives its stored values (within the window)."""
