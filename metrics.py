@@ -60,6 +60,9 @@ def create_argparser() -> argparse.ArgumentParser:
                    help="exit with status 2 before scoring when the LPIPS weights are not available")
     p.add_argument("--device", help="LPIPS device (default: cuda if available, else cpu)")
     p.add_argument("--batch-size", type=int, default=4, help="LPIPS image pairs per forward pass")
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="accept --list names that are absolute or contain '..' (refused by default: they read "
+                        "files outside --cxr/--gt/--pred)")
     return p
 
 
@@ -80,6 +83,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         require_writable(args.out or args.pred)      # before the scoring, not after it
     except UnwritableError as e:
         parser.error(str(e))
+    try:
+        names = read_list(args.list, args.allow_outside_root) if args.list else ImageFolder(args.gt).names()
+    except (OSError, ValueError) as e:      # a duplicate, a name leaving the folders, an unreadable list
+        parser.error(str(e))
 
     scorer, lpips_reason = lpips_scorer(args.device, args.batch_size)
     if lpips_reason:
@@ -91,7 +98,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     def report_problem(name, why):
         print(f"metrics.py: {name}: {why}", file=sys.stderr)
 
-    names = read_list(args.list) if args.list else ImageFolder(args.gt).names()
     if not names:
         parser.error("nothing to score: the list / gt folder has no images")
     report = score_folder(args.cxr, args.gt, args.pred, names, args.mode, args.mask, args.native, scorer,

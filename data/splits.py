@@ -8,8 +8,9 @@ of their share, test takes the remainder (818 pairs -> 654 / 81 / 83).
 from __future__ import annotations
 
 import random
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
+from data.io import is_image_file
 from utils.atomic import atomic_write_text
 
 SPLITS = ("train", "val", "test")
@@ -55,23 +56,65 @@ def write_split(split: dict[str, list[str]], list_dir: str | Path, prefix: str, 
     return paths
 
 
-def read_list(path: str | Path) -> list[str]:
-    """Names in a list file, one per line (blank lines and '#' comments ignored).
+class ListError(ValueError):
+    """A list file cannot be used as it is; the message names the file and the line."""
+
+
+def read_list(path: str | Path, allow_outside: bool = False) -> list[str]:
+    """Names in a list file, one per line (blank lines and '#' comments ignored, a UTF-8 BOM dropped).
+
+    A name is a path relative to the data folders: an absolute name or one with a ``..`` component would
+    read (and a report would embed) a file outside the data root, so it is refused unless
+    ``allow_outside``.
 
     Raises:
-        FileNotFoundError / ValueError: missing file, or a name listed twice; the message names the file.
+        FileNotFoundError / ListError (a ValueError): missing or unreadable file, a name listed twice (also
+        as its stem: ``a`` and ``a.png`` are one case), a name leaving the data root; the message names the
+        file and the line.
     """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p}: split list not found (run dataSegmentation.py first)")
-    names = [line.split("#", 1)[0].strip() for line in p.read_text(encoding="utf-8").splitlines()]
-    names = [n for n in names if n]
-    seen: set[str] = set()
-    for n in names:
-        if n in seen:
-            raise ValueError(f"{p}: '{n}' is listed twice")
-        seen.add(n)
+    try:
+        # utf-8-sig: editors on Windows start the file with U+FEFF, which would glue onto the first name.
+        lines = p.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ListError(f"{p}: cannot read the list ({e})") from None
+    names: list[str] = []
+    line_of: dict[str, int] = {}          # each name as written, and each image name's stem
+    for i, line in enumerate(lines, 1):
+        n = line.split("#", 1)[0].strip()
+        if not n:
+            continue
+        if not allow_outside:
+            _check_inside(p, i, n)
+        # Names may omit the image extension (evaluation.pairing finds the file by stem): "a" and "a.png"
+        # are one case; "a.png" and "a.tif" are two files.
+        if is_image_file(n):
+            stem = str(PurePosixPath(n).with_suffix(""))
+            earlier = line_of.get(n) or line_of.get(stem)                 # the same name, or its bare stem
+        else:
+            stem = None
+            earlier = line_of.get(n) or line_of.get(f"stem:{n}")          # an image name with this stem
+        if earlier:
+            raise ListError(f"{p}: line {i}: {_show(n)} is listed twice (first on line {earlier})")
+        line_of[n] = i
+        if stem is not None:
+            line_of[f"stem:{stem}"] = i
+        names.append(n)
     return names
+
+
+def _check_inside(p: Path, line: int, name: str) -> None:
+    """Refuse a name that leaves the folder it is joined to (absolute, a drive, a ``..`` component, NUL)."""
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    if "\0" in name or PurePosixPath(name).is_absolute() or PureWindowsPath(name).anchor or ".." in parts:
+        raise ListError(f"{p}: line {line}: {_show(name)} leaves the data folder (absolute or '..'); names are "
+                        "relative to the data root (metrics.py --allow-outside-root reads such a list)")
+
+
+def _show(name: str) -> str:
+    return repr(name if len(name) <= 80 else name[:77] + "...")
 
 
 def read_split(list_dir: str | Path, prefix: str) -> dict[str, list[str]]:

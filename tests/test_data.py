@@ -1,6 +1,7 @@
 """Splits, list files, datasets and the dataSegmentation.py scan / report / split."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -287,3 +288,29 @@ def test_unwritable_list_folder_is_refused_before_the_scan(pair_folder, tmp_path
     cfg = smoke_config(pair_folder, tmp_path / "runs", f"data.split.list_dir={blocker / 'lists'}")
     with pytest.raises(ValueError, match="cannot write output here"):
         dataSegmentation.main(cfg, progress=False)
+
+
+# ---- lists: BOM, duplicates, names leaving the data root (issue 24, 2.10) ---------------------------
+
+def test_read_list_strips_a_bom_and_refuses_duplicates_by_line(tmp_path):
+    (tmp_path / "bom.txt").write_bytes("\ufeffc00.png\r\nc01.png\r\n".encode("utf-8"))
+    assert read_list(tmp_path / "bom.txt") == ["c00.png", "c01.png"]       # not '\ufeffc00.png'
+    for text, needle in (("a.png\nb.png\na.png\n", "line 3: 'a.png' is listed twice (first on line 1)"),
+                         ("a\nb.png\na.png\n", "line 3: 'a.png' is listed twice (first on line 1)"),
+                         ("a.png\na\n", "line 2: 'a' is listed twice (first on line 1)")):
+        (tmp_path / "d.txt").write_text(text)
+        with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'd.txt'}: {needle}")):
+            read_list(tmp_path / "d.txt")
+    (tmp_path / "two.txt").write_text("a.png\na.tif\n")          # two files of one stem: two cases
+    assert read_list(tmp_path / "two.txt") == ["a.png", "a.tif"]
+
+
+@pytest.mark.parametrize("name", ["../x.png", "sub/../../x.png", "/etc/passwd", "C:\\x.png", "..\\x.png",
+                                  "a\0b.png"])
+def test_read_list_refuses_names_leaving_the_root(tmp_path, name):
+    (tmp_path / "l.txt").write_text(f"ok.png\n{name}\n")
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'l.txt'}: line 2: ") + ".*leaves the data folder"):
+        read_list(tmp_path / "l.txt")
+    assert read_list(tmp_path / "l.txt", allow_outside=True) == ["ok.png", name]
+    (tmp_path / "in.txt").write_text("sub/x.png\n..a.png\nb..png\n")      # inside the root: accepted
+    assert read_list(tmp_path / "in.txt") == ["sub/x.png", "..a.png", "b..png"]

@@ -387,3 +387,25 @@ def test_unwritable_output_is_refused_before_scoring(pair_folder, tmp_path, caps
         metrics.main(["--cxr", str(pair_folder / "CXR"), "--gt", str(pair_folder / "BS"), "--pred", str(pair_folder / "BS"),
                 "--out", str(blocker / "out")])
     assert exc.value.code == 2 and "cannot write output here" in capsys.readouterr().err
+
+
+def test_cli_list_with_bom_duplicate_or_outside_name(tmp_path, no_lpips_weights, capsys):
+    """A BOM is dropped (the first name was not found); a duplicate or a name leaving the folders is one
+    usage error naming the list and line, before any scoring; --allow-outside-root reads such a list."""
+    d = _synthetic_folders(tmp_path)
+    args = ["--cxr", str(d["CXR"]), "--gt", str(d["BS"]), "--pred", str(d["pred"]), "--out", str(tmp_path / "e")]
+    (tmp_path / "bom.txt").write_bytes("\ufeffa\n".encode())
+    assert metrics.main([*args, "--list", str(tmp_path / "bom.txt")]) == 0
+    outside = tmp_path / "secret.png"
+    _png(outside, np.zeros((32, 32)))
+    for text, needle in (("a\nb\na\n", "line 3: 'a' is listed twice (first on line 1)"),
+                         (f"a\n{outside}\n", f"line 2: '{outside}' leaves the data folder"),
+                         ("a\n../secret.png\n", "line 2: '../secret.png' leaves the data folder")):
+        (tmp_path / "l.txt").write_text(text)
+        with pytest.raises(SystemExit) as ex:
+            metrics.main([*args, "--list", str(tmp_path / "l.txt")])
+        err = capsys.readouterr().err
+        assert ex.value.code == 2 and "Traceback" not in err and f"{tmp_path / 'l.txt'}: {needle}" in err, err
+    # Opted in: the outside file is read for all three roles (what the refusal prevents by default).
+    assert metrics.main([*args, "--list", str(tmp_path / "l.txt"), "--allow-outside-root"]) == 0
+    assert "../secret.png,ok," in (tmp_path / "e" / "metrics_faithful.csv").read_text()
