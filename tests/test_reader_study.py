@@ -197,3 +197,27 @@ def test_cli_one_line_error_and_reference_errors(tmp_path, capsys):
         rs.aggregate(key, [tmp_path / "a.csv"], tmp_path / "o", tmp_path / "ref.csv")
     assert rs.prf(0, 0, 0)[0] != rs.prf(0, 0, 0)[0]          # NaN: no answers, no lesions
     assert rs.prf(0, 2, 1) == (0.0, 0.0, 0.0)
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda k: "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    (lambda k: {**k, "cases": {"C001": 1}}, "damaged key: 'cases' must be a list"),
+    (lambda k: {**k, "cases": [{"case_id": "C001"}]}, "damaged key: cases[0] needs the strings"),
+    (lambda k: {**k, "labels": "ab"}, "damaged key: 'labels' must be two condition names"),
+])
+def test_damaged_key_and_sheet_are_one_error_line(tmp_path, capsys, damage, needle):
+    """An edited or hostile key (or a sheet csv cannot parse) is one error line, not a traceback."""
+    import json
+
+    key = hand_key(tmp_path)
+    bad = damage(json.loads(key.read_text()))
+    key.write_text(bad if isinstance(bad, str) else json.dumps(bad))
+    (tmp_path / "a.csv").write_text(SHEET_A)
+    assert rs.main(["aggregate", "--key", str(key), "--sheets", str(tmp_path / "a.csv"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{key}: " in err and needle in err, err
+    key = hand_key(tmp_path)
+    (tmp_path / "a.csv").write_text(SHEET_A.replace("C002,R,A", "C002,R," + "x" * 200_000, 1))
+    assert rs.main(["aggregate", "--key", str(key), "--sheets", str(tmp_path / "a.csv"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "a.csv: not a readable CSV sheet" in err, err

@@ -228,9 +228,25 @@ def read_key(path: str | Path) -> dict:
         raise FileNotFoundError(f"{p}: key file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{p}: not a reader-study key ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{p}: not a reader-study key (nested too deeply)") from None
     if not isinstance(key, dict) or key.get("format") != KEY_FORMAT:
         raise ValueError(f"{p}: not a reader-study key (no '{KEY_FORMAT}' format field)")
+    _check_key(p, key)
     return key
+
+
+def _check_key(p: Path, key: dict) -> None:
+    """The fields aggregation reads, with their types: a damaged or edited key is one error naming the
+    field, not a KeyError or TypeError deep in the tables."""
+    labels, cases = key.get("labels"), key.get("cases")
+    if not (isinstance(labels, list) and len(labels) == 2 and all(isinstance(x, str) for x in labels)):
+        raise ValueError(f"{p}: damaged key: 'labels' must be two condition names")
+    if not isinstance(cases, list):
+        raise ValueError(f"{p}: damaged key: 'cases' must be a list")
+    for i, c in enumerate(cases):
+        if not (isinstance(c, dict) and all(isinstance(c.get(f), str) for f in ("case_id", "name", "L", "R"))):
+            raise ValueError(f"{p}: damaged key: cases[{i}] needs the strings case_id, name, L and R")
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
@@ -243,7 +259,10 @@ def _read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
         raise SheetError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the sheet as CSV (UTF-8)") from None
     first = text.split("\n", 1)[0]
     delimiter = max(",;\t", key=first.count)
-    rows = list(csv.reader(io.StringIO(text), delimiter=delimiter))
+    try:
+        rows = list(csv.reader(io.StringIO(text), delimiter=delimiter))
+    except csv.Error as e:        # a field beyond csv's size limit, a NUL byte
+        raise SheetError(f"{path}: not a readable CSV sheet ({e})") from None
     if not rows or not any(c.strip() for c in rows[0]):
         raise SheetError(f"{path}: row 1: empty file, expected a header row")
     return [c.strip().lower() for c in rows[0]], rows[1:]
