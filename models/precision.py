@@ -15,6 +15,7 @@ fp32, so they keep fp32. :func:`resolve_precision` says what it chose and why.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -77,9 +78,12 @@ def cpu_bf16_speedup() -> float:
     path = _cache_file()
     try:
         cache = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         cache = {}
-    if key not in cache:
+    if not isinstance(cache, dict):
+        cache = {}                                 # a damaged cache only costs the probe
+    ratio = cache.get(key)
+    if not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and math.isfinite(ratio) and ratio > 0):
         cache[key] = _probe_seconds(None) / _probe_seconds(torch.bfloat16)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -68,3 +68,15 @@ def test_wrappers_return_fp32_and_quantise_in_fp32():
         assert e16.dtype == torch.float32 and e16.is_contiguous()
         assert (e16 - e32).abs().max() < 0.05 * e32.abs().max()
         assert v16.decode(z32).dtype == torch.float32
+
+
+@pytest.mark.parametrize("damaged", ["[1, 2]", '{"KEY": "fast"}', '{"KEY": NaN}', '{"KEY": -1}', "[" * 100_000])
+def test_damaged_probe_cache_is_measured_again(monkeypatch, tmp_path, damaged):
+    """The cache lives in the user's home, outside the project: a damaged one costs the probe, never a
+    traceback or a nonsense speedup."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(P, "_probe_seconds", lambda dtype, reps=3: 3.0 if dtype is None else 1.0)
+    key = f"{P.cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    (tmp_path / "bone-suppression").mkdir()
+    (tmp_path / "bone-suppression" / "precision_probe.json").write_text(damaged.replace("KEY", key))
+    assert P.cpu_bf16_speedup() == 3.0
