@@ -318,6 +318,28 @@ def test_insert_nodules_then_restore_is_bit_identical():
     assert torch.equal(vol.data, data)
 
 
+def test_flipped_view_is_the_mirror_image():
+    """View.flip mirrors the images, the mask and the nodule columns, and changes nothing else."""
+    from dataclasses import replace
+
+    from data.ct import ViewSpec, processing_for, render_view
+    from data.drr import View
+
+    ct, labels = synthetic_ct()
+    vol = build_volume(ct, labels, (1, 2, 2))
+    center = vol.center.numpy()
+    spec = ViewSpec("a.png", "train", View(size=32, pixel_mm=4.0, rotation=9.0, cone=True),
+                    ((*(center + [10.0, 0.0, 5.0]), 6.0),))
+    cfg = tiny_ct_config()
+    plain = render_view(vol, spec, processing_for(cfg), seed=7)
+    mirrored = render_view(vol, replace(spec, view=replace(spec.view, flip=True)), processing_for(cfg), seed=7)
+    for a, b in ((plain.cxr, mirrored.cxr), (plain.bs, mirrored.bs), (plain.mask, mirrored.mask)):
+        assert np.array_equal(a[:, ::-1], b)
+    (r0, c0, rad0), (r1, c1, rad1) = plain.nodules[0], mirrored.nodules[0]
+    assert (r1, rad1) == (r0, rad0) and c1 == pytest.approx(31 - c0)
+    assert plain.mask.any() and plain.mask[:, :16].any() and plain.mask[:, 16:].any()
+
+
 # ------------------------------------------------------------------------------------------ datasets
 
 WRITER = """
