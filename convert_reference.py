@@ -61,10 +61,38 @@ def main(cfg: Config, method: str, dataset: str, unet: str | Path, vqgan: str | 
     for flag, f in (("--unet", unet), ("--vqgan", vqgan)):
         if not Path(f).is_file():
             raise FileNotFoundError(f"{f}: {flag} file not found")
-    print(f"reading {unet} and {vqgan} (restricted unpickler, nothing in them is run) ...")
+    print(f"reading {unet} and {vqgan} (zip-format files only, restricted unpickler, nothing in them is run) ...")
     vq, ldm = convert_reference(cfg, unet, vqgan, method, dataset)
-    save_checkpoint(out / "vqgan.pt", **vq)
-    save_checkpoint(out / "ldm.pt", **ldm)
+    written: list[Path] = []
+    try:
+        write_outputs(method, dataset, vq, ldm, out, written)
+    except BaseException:
+        for p in written:            # a half conversion would make the rerun refuse without --overwrite
+            p.unlink(missing_ok=True)
+        raise
+    attn = ldm["extra"]["attention_order"]
+    print(f"converted {method} ({dataset}): codebook {ldm['config']['vqgan']['num_embeddings']}, attention order "
+          f"{attn} -> " + ", ".join(str(p) for p in written))
+    return written
+
+
+def save_checked(path: Path, ckpt: dict) -> Path:
+    """``save_checkpoint``; a failed write (a full disk: torch raises RuntimeError, naming no file) is one
+    OSError naming ``path``."""
+    try:
+        save_checkpoint(path, **ckpt)
+    except (OSError, RuntimeError) as e:
+        lines = str(e).strip().splitlines()
+        why = getattr(e, "strerror", None) or (lines[0] if lines else type(e).__name__)
+        raise OSError(f"{path}: not written ({why})") from None
+    return path
+
+
+def write_outputs(method: str, dataset: str, vq: dict, ldm: dict, out: Path, written: list[Path]) -> None:
+    """The two checkpoints and the release of a conversion, each appended to ``written`` once it exists
+    (the release removes its own files if it fails)."""
+    written.append(save_checked(out / "vqgan.pt", vq))
+    written.append(save_checked(out / "ldm.pt", ldm))
     vq["state"] = ldm["state"] = None          # free 1.5 GB before the release is written from ldm.pt
     src = ldm["extra"]["source"]
     source = [f"Converted by `convert_reference.py` from the authors' published {method.upper()} weights for "
@@ -74,13 +102,9 @@ def main(cfg: Config, method: str, dataset: str, unet: str | Path, vqgan: str | 
     note = ("The published test-set scores of these weights (GL-LCM paper; the BS-LDM row is that paper's run of "
             "BS-LDM), computed by the reference metric code. `metrics.py --mode faithful` computes the same "
             "metrics on the outputs of `ldm_eval.py --ckpt ldm.safetensors` over the same test split.")
-    written = [out / "vqgan.pt", out / "ldm.pt"] + export_release(
+    written += export_release(
         out / "ldm.pt", out, weights="both", title=f"{method.upper()} on {dataset.upper()} (published weights)",
         source=source, scores=PUBLISHED_SCORES[(method, dataset)], scores_note=note)
-    attn = ldm["extra"]["attention_order"]
-    print(f"converted {method} ({dataset}): codebook {ldm['config']['vqgan']['num_embeddings']}, attention order "
-          f"{attn} -> " + ", ".join(str(p) for p in written))
-    return written
 
 
 def export(ckpt: str | Path, out: str | Path, weights: str = "ema", overwrite: bool = False) -> list[Path]:
