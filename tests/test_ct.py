@@ -340,6 +340,33 @@ def test_flipped_view_is_the_mirror_image():
     assert plain.mask.any() and plain.mask[:, :16].any() and plain.mask[:, 16:].any()
 
 
+def test_nodule_positions_match_the_rendered_lesion():
+    """The (row, col, radius) a view reports for a nodule is where the lesion shows in its image, in a
+    rotated, shifted, magnified cone-beam view."""
+    from data.ct import ViewSpec, render_view
+    from data.drr import Processing, View, view_axes
+
+    ct, labels = synthetic_ct()
+    vol = build_volume(ct, labels, (1, 1, 1))
+    lung_voxel = np.argwhere(vol.data[2].numpy() > 0.99)
+    k, j, i = lung_voxel[len(lung_voxel) // 3]
+    point = (vol.affine @ [i, j, k, 1.0])[:3]
+    view = View(size=48, pixel_mm=2.0, rotation=-15.0, tilt=3.0, shift=(6.0, -4.0), cone=True, sid=600.0, sod=450.0)
+    proc = Processing(dose=None, equalize=0.0, unsharp=0.0, blur_px=0.0)
+    with_nodule = render_view(vol, ViewSpec("n.png", "train", view, ((*point, 6.0),)), proc, seed=0)
+    without = render_view(vol, ViewSpec("n.png", "train", view, ()), proc, seed=0)
+    row, col, radius = with_nodule.nodules[0]
+    diff = np.abs(with_nodule.cxr.astype(np.float64) - without.cxr)
+    assert diff.max() > 0.02
+    rows, cols = np.nonzero(diff > 0.5 * diff.max())
+    w = diff[rows, cols]
+    assert (np.average(rows, weights=w), np.average(cols, weights=w)) == pytest.approx((row, col), abs=0.6)
+    beam = view_axes(view)[0]                            # magnification sod / (distance from the source)
+    mag = 450.0 / (450.0 + float((torch.tensor(point) - vol.center) @ beam))
+    assert radius == pytest.approx(6.0 * mag / 2.0, rel=1e-6)
+    assert np.sqrt((diff > 0.1 * diff.max()).sum() / np.pi) == pytest.approx(radius, rel=0.35)
+
+
 # ------------------------------------------------------------------------------------------ datasets
 
 WRITER = """
