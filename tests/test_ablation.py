@@ -147,3 +147,14 @@ def test_missing_masks_fail_before_any_run(models, tmp_path):
         ablation.main([ckpts["offset"]], tmp_path / "out", tables=("offset_tat", "guidance"),
                       overrides=(f"data.root={tmp_path / 'ds'}",))
     assert not (tmp_path / "out" / "runs").exists()
+
+
+@pytest.mark.parametrize("text", ["{broken", "[1]", '{"seconds_per_image": "fast"}', '{"seconds_per_image": {"a": NaN}}',
+                                  "[" * 100_000])
+def test_damaged_timing_json_is_no_timing(tmp_path, text):
+    """A damaged timing.json in a run folder costs only the timing column, never a traceback."""
+    (tmp_path / "timing.json").write_text(text)
+    assert ablation.seconds_per_image(tmp_path / "timing.json") is None
+    (tmp_path / "timing.json").write_text('{"seconds_per_image": {"encode": 0.5, "sample": 1}}')
+    assert ablation.seconds_per_image(tmp_path / "timing.json") == {"encode": 0.5, "sample": 1.0}
+    assert ablation.seconds_per_image(tmp_path / "none.json") is None

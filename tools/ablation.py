@@ -48,6 +48,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 import shlex
 import sys
 import time
@@ -272,7 +273,7 @@ def execute(run: Run, modes, native: bool, lung: bool, batch_size: int, overwrit
     # A resumed run writes nothing and reports 0 s per image; ldm_eval.py then keeps the timing.json of
     # the run that wrote the images, so that file holds the timing either way.
     timing = run.folder / "pred" / "timing.json"
-    per_image = json.loads(timing.read_text())["seconds_per_image"] if timing.is_file() else None
+    per_image = seconds_per_image(timing)
     result = {"sets": list(run.sets), "folder": str(run.folder), "eval_failures": summary["failures"],
               "seconds_per_image": per_image, "eval_seconds": time.perf_counter() - t0, "metrics": {}, "status": {}}
     for mode in modes:
@@ -346,6 +347,18 @@ def table_markdown(rows: list[Row], mode: str) -> str:
             cells.append(f"{sum(t.values()):.3f}" if t else "n/a")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def seconds_per_image(timing: Path) -> dict[str, float] | None:
+    """The per-stage seconds per image of an evaluation's ``timing.json``; None when it is missing or
+    damaged (only the timing column then says n/a: the scores do not depend on it)."""
+    try:
+        t = json.loads(timing.read_text(encoding="utf-8")).get("seconds_per_image")
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return None
+    ok = isinstance(t, dict) and t and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                           and math.isfinite(v) for v in t.values())
+    return {str(k): float(v) for k, v in t.items()} if ok else None
 
 
 def table_csv(rows: list[Row], modes) -> str:
