@@ -280,6 +280,29 @@ def test_cli_missing_ct_is_one_error_line(tmp_path):
     assert list(root.iterdir()) == []
 
 
+def test_cli_own_ct_with_label_folder_and_views(tmp_path, ct_file):
+    """--from-ct CT --bone-labels FOLDER --views N on a CT of one's own: N training views, lists written."""
+    lab = labels_ijk(synthetic_hu())
+    seg = tmp_path / "seg"
+    seg.mkdir()
+    for idx, name in ((10, "lung_upper_lobe_left"), (12, "lung_upper_lobe_right"), (36, "vertebrae_T7"), (92, "rib_left_1")):
+        save_nifti(seg / f"{name}.nii.gz", (lab == idx).astype(np.uint8))
+    root = tmp_path / "ds"
+    proc = subprocess.run(
+        [sys.executable, "dataSegmentation.py", "--config", "configs/demo.yaml", "configs/smoke.yaml",
+         "--from-ct", str(ct_file), "--bone-labels", str(seg), "--views", "2", "--force",
+         *(a for kv in (f"data.root={root}", "data.name=mine", "ct.size=32", "ct.pixel_mm=4.0", "ct.views_val=1",
+                        "ct.views_test=1") for a in ("--set", kv))],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    assert f"per-class masks in {seg}" in proc.stdout
+    views = read_views(root)
+    assert [v["split"] for v in views] == ["train", "train", "val", "test"]
+    assert (root / "mine_trainset.txt").read_text().split() == [v["name"] for v in views[:2]]
+    assert (root / "mine_testset.txt").read_text().split() == [views[3]["name"]]
+
+
 # ------------------------------------------------------------------------------------------ volumes, nodules
 
 def test_build_volume_channels():
