@@ -56,8 +56,8 @@ import torch
 from tqdm import tqdm
 
 from data.datasets import CXR, MASK, split_list
-from data.io import (DICOM_EXTENSIONS, ImageError, check_output_names, input_images, output_name, read_image,
-                     write_dicom, write_image)
+from data.io import (DICOM_EXTENSIONS, ImageError, check_output_names, input_images, is_dicom_file, output_name,
+                     read_image, write_dicom, write_image)
 from data.masking import load_mask
 from models import load_ldm, load_vqgan
 from models.pipeline import BoneSuppressor
@@ -98,7 +98,7 @@ def dicom_output_name(path: Path) -> str:
 
 def output_files(out_dir: Path, src: Path, save_paths: bool) -> list[Path]:
     """Every file a source may give: the image, a derived DICOM, and the ``paths/`` images."""
-    files = [out_dir / output_name(src), out_dir / dicom_output_name(src)]
+    files = [out_dir / output_name(src), *([out_dir / dicom_output_name(src)] if is_dicom_file(src) else [])]
     if save_paths:
         files += [out_dir / "paths" / part / output_name(src) for part in PATH_PARTS]
     return files

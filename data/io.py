@@ -156,13 +156,19 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
         raise ImageError(p, f"cannot stat file ({e.strerror})") from None
     if nbytes == 0:
         raise ImageError(p, "empty file (0 bytes)")
-    if p.suffix.lower() in DICOM_EXTENSIONS or _looks_like_dicom(p):
+    if is_dicom_file(p):
         image = _read_dicom(p, max_pixels)
     else:
         image = _read_pil(p, max_pixels, allow_color)
     if not np.isfinite(image.pixels).all():   # cannot come from integer files; guards future readers
         raise ImageError(p, "contains NaN or Inf values")
     return image
+
+
+def is_dicom_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is read as DICOM: by its extension, or by the DICM marker at byte 128."""
+    p = Path(path)
+    return p.suffix.lower() in DICOM_EXTENSIONS or _looks_like_dicom(p)
 
 
 def _looks_like_dicom(p: Path) -> bool:

@@ -544,3 +544,17 @@ def test_torchrun_partial_failure_is_no_crash(untrained, tmp_path):
     assert "3 of 4 images written, 0 already done, 1 failed (2 processes)" in res.stdout
     timing = json.loads((tmp_path / "out" / "timing.json").read_text())
     assert [f["name"] for f in timing["failures"]] == ["bad.png"] and timing["processes"] == 2
+
+
+def test_blocked_outputs_are_only_this_inputs_own(tmp_path):
+    """A folder at x.dcm blocks a DICOM input x.dcm (its derived DICOM), not a PNG input x.png."""
+    out = tmp_path / "out"
+    (out / "x.dcm").mkdir(parents=True)
+    png = _folder_of_images(tmp_path / "in", ["x.png"]) / "x.png"
+    assert ldm_eval.blocked_output(out, png, save_paths=False) is None
+    (tmp_path / "in2").mkdir()
+    dcm = _dicom_without_sop_class(tmp_path / "in2" / "x.dcm")
+    assert "taken by a folder" in ldm_eval.blocked_output(out, dcm, save_paths=False)
+    assert ldm_eval.blocked_output(out, png, save_paths=True) is None
+    (out / "paths" / "fused" / "x.png").mkdir(parents=True)
+    assert "paths/fused/x.png" in ldm_eval.blocked_output(out, png, save_paths=True)
