@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 from pathlib import Path
@@ -63,7 +62,7 @@ from models import load_ldm, load_vqgan
 from models.pipeline import BoneSuppressor
 from models.precision import prepare_for_inference
 from models.schedule import build_schedule
-from utils.atomic import atomic_write_text, refuse_input_folders, require_writable
+from utils.atomic import atomic_write_text, json_text, refuse_input_folders, require_writable
 from utils.checkpoint import CheckpointError, resolve_first_stage
 from utils.config import Config, ConfigError, config_to_dict
 from utils.dist import cleanup_distributed, setup_distributed
@@ -302,7 +301,7 @@ def write_summary(path: Path, summary: dict) -> None:
     """``timing.json``; a run stopped by a full disk may not manage it either: it says so in one line and
     records the stop in the summary it returns (the outputs already written stay)."""
     try:
-        atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(path, json_text(summary, indent=2) + "\n")
     except OSError as e:
         print(f"ldm_eval.py: {path}: not written ({e.strerror or e})", file=sys.stderr)
         summary["stopped"] = summary["stopped"] or f"{path}: not written ({e.strerror or e})"

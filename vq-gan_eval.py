@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import math
 import sys
 from pathlib import Path
@@ -41,7 +40,7 @@ from data.transforms import from_model, to_model
 from models import load_vqgan
 from models.msssim import MSSSIM
 from models.vqgan import codebook_counts, usage_from_counts
-from utils.atomic import atomic_write_text, refuse_input_folders, require_writable
+from utils.atomic import atomic_write_text, json_text, refuse_input_folders, require_writable
 from utils.checkpoint import CheckpointError
 from utils.config import ConfigError
 from utils.dist import resolve_device
@@ -160,7 +159,7 @@ def main(cfg, ckpt: str | Path, split: str | None = "test", input_dir: str | Non
     writer = csv.DictWriter(buf, fieldnames=["name", "height", "width", "psnr", "ssim", "msssim"])
     writer.writeheader()
     writer.writerows(rows)
-    for name, text in (("recon_metrics.csv", buf.getvalue()), ("recon_summary.json", json.dumps(summary, indent=2) + "\n")):
+    for name, text in (("recon_metrics.csv", buf.getvalue()), ("recon_summary.json", json_text(summary, indent=2) + "\n")):
         try:
             atomic_write_text(out_dir / name, text)
         except OSError as e:     # a full disk: one line, the images written stay
