@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from data.io import SOFTWARE
 from tests.conftest import ROOT
 from tests.scripts import load_script, untrained_ldm
 
@@ -88,7 +89,7 @@ class Orthanc:
         out = []
         for iid in self.get("/instances"):
             ds = pydicom.dcmread(io.BytesIO(self.request(f"/instances/{iid}/file")))
-            if "DERIVED" in list(ds.get("ImageType", []))[:1]:
+            if ds.get("Manufacturer") == SOFTWARE and "SourceImageSequence" in ds:
                 out.append(ds)
         return out
 
@@ -394,3 +395,36 @@ def test_twenty_films_at_once(tmp_path, orthanc, start_node):
     got = [d.SourceImageSequence[0].ReferencedSOPInstanceUID for d in orthanc.derived()]
     assert sorted(u for u in got if u in uids) == sorted(uids)
     assert sum(line.startswith("study ") for line in lines) == 20           # one line per study
+
+
+@needs_orthanc
+def test_orthanc_routes_a_film_to_the_node_and_no_loop(tmp_path, orthanc, start_node):
+    """Orthanc, with the node declared as a modality, sends it a film (as a routing rule would); the
+    derived series comes back into the same study; sent back to the node, it is not processed again."""
+    node, lines = start_node(orthanc.destination)
+    orthanc.request("/modalities/bonesup", json.dumps({"AET": "BONESUP", "Host": "127.0.0.1",
+                                                       "Port": node.port}).encode(), method="PUT")
+    (film,) = make_films(tmp_path / "films", 1, start=50)
+    src = pydicom.dcmread(film)
+    iid = json.loads(orthanc.request("/instances", film.read_bytes(), method="POST"))["ID"]
+    orthanc.request("/modalities/bonesup/store", iid.encode(), method="POST")
+    wait_for(lambda: [d for d in orthanc.derived() if d.StudyInstanceUID == src.StudyInstanceUID], 60,
+             "the derived series back in Orthanc")
+    study = orthanc.get(f"/instances/{iid}/study")
+    assert len(study["Series"]) == 2                       # the film's series and the soft-tissue one
+    wait_for(lambda: any(line.startswith(f"study {src.StudyInstanceUID}: 1 film received from ORTHANC")
+                         for line in lines), 10, "the study's log line")
+    derived_id = next(i for i in orthanc.get("/instances") if i != iid and
+                      orthanc.get(f"/instances/{i}/study")["ID"] == study["ID"])
+    orthanc.request("/modalities/bonesup/store", derived_id.encode(), method="POST")
+    wait_for(lambda: any("an instance this node derived" in line for line in lines), 10, "the loop to be cut")
+    assert node.counters["processed"] == 1 and node.storage.counts()["to_process"] == 0
+
+
+def test_benchmark_quick(capsys):
+    """python -m tools.node_benchmark at the tiny size: one table row with films per minute."""
+    from tools import node_benchmark
+
+    assert node_benchmark.main(["--size", "quick", "--films", "2", "--batch-size", "2", "--no-warmup"]) == 0
+    out = capsys.readouterr().out
+    assert "| quick | 32² | lcm x4, global-local |" in out and "films / min" in out
