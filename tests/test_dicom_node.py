@@ -428,3 +428,26 @@ def test_benchmark_quick(capsys):
     assert node_benchmark.main(["--size", "quick", "--films", "2", "--batch-size", "2", "--no-warmup"]) == 0
     out = capsys.readouterr().out
     assert "| quick | 32² | lcm x4, global-local |" in out and "films / min" in out
+
+
+def test_cli_errors_are_one_line(tmp_path, ckpt, capsys):
+    """dicom_node.py: a bad --forward, a missing checkpoint, a storage folder under a file, a taken
+    port: one error line naming what is wrong, exit status 2, no traceback."""
+    cli = load_script("dicom_node.py")
+    (tmp_path / "file").write_text("x")
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    base = ["--storage", str(tmp_path / "st"), "--forward", "127.0.0.1:4242:ORTHANC", "--global-only"]
+    cases = [(["--ckpt", str(ckpt), "--storage", str(tmp_path / "st"), "--forward", "pacs:104"], "--forward pacs:104"),
+             (["--ckpt", str(tmp_path / "none.pt"), *base], "none.pt: checkpoint not found"),
+             (["--ckpt", str(ckpt), *base, "--storage", str(tmp_path / "file" / "st")], "file/st: cannot use"),
+             (["--ckpt", str(ckpt), *base, "--set", "unet.model_channels=8"], "unet.model_channels is fixed"),
+             (["--ckpt", str(ckpt), *base, "--port", str(taken.getsockname()[1])], "cannot listen on 127.0.0.1:")]
+    try:
+        for argv, expected in cases:
+            assert cli.main(argv) == 2, argv
+            err = capsys.readouterr().err.strip()
+            assert err.startswith("error: ") and expected in err and len(err.splitlines()) == 1, err
+    finally:
+        taken.close()
