@@ -94,7 +94,7 @@ def check_names(root: Path, names: list[str], source: str) -> None:
         raise FileNotFoundError(f"{missing[0]}: not found (named by {source}; {len(missing)} file(s) missing)")
 
 
-def test_cases(root: Path, test_list: str | Path | None) -> list[str]:
+def find_test_cases(root: Path, test_list: str | Path | None) -> list[str]:
     """The test cases: the list's names, or every CXR/<name> with a BS/<name> (the others named on stderr)."""
     if test_list is not None:
         if not Path(test_list).is_file():
@@ -337,7 +337,7 @@ def main(ckpt: str | Path, train_data: str | Path, test_data: str | Path, out_di
     require_pairs_folder(train_root, "--train-data")
     require_pairs_folder(test_root, "--test-data")
     train_file, train_names = train_cases(trained, train_root, train_list)
-    names = test_cases(test_root, test_list)
+    names = find_test_cases(test_root, test_list)
     if oracle_tone and len(names) < 2:
         raise ValueError(f"--oracle-tone: the leave-one-out tone curve needs at least 2 test pairs, "
                          f"{test_list or test_root} has {len(names)}")
