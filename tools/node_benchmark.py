@@ -8,10 +8,11 @@ Usage:
     python -m tools.node_benchmark --out node_bench.json
 
 Builds a checkpoint of the chosen size with seeded random weights in a temporary folder (timings do
-not depend on the weights): ``demo`` = configs/demo.yaml (128² model input), ``paper`` =
+not depend on the weights): ``demo`` = configs/demo.yaml (256² model input), ``demo-phantom`` = the
+phantom demo's networks (configs/demo-phantom.yaml, 128²), ``paper`` =
 configs/szch.yaml (1024², the published networks), ``quick`` = the tests' smoke networks; the
 sampler is the project's default (LCM, ``--steps`` 4) with the global-local path and the built-in
-lung segmenter, precision ``auto``. Starts the node (:class:`node.service.Node`, what
+lung segmenter, precision ``auto`` (``--precision``). Starts the node (:class:`node.service.Node`, what
 ``dicom_node.py`` runs) on loopback with a pynetdicom storage SCP as the destination, and sends, as
 a PACS would, copies of the real CR film RG1_UNCR.dcm (1841 x 1955, pydicom-data) with new UIDs:
 a warm-up film (unless ``--no-warmup``), then one film alone (the latency of an idle node), then a
@@ -32,7 +33,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = {"paper": ["szch.yaml"], "demo": ["demo.yaml"], "quick": ["demo.yaml", "smoke.yaml"]}
+CONFIGS = {"paper": ["szch.yaml"], "demo": ["demo.yaml"], "demo-phantom": ["demo.yaml", "demo-phantom.yaml"],
+           "quick": ["demo.yaml", "smoke.yaml"]}
 
 
 def build_checkpoint(folder: Path, size: str) -> Path:
@@ -128,7 +130,7 @@ def send(port: int, films: list) -> list[float]:
 
 
 def run(size: str = "demo", films: int = 12, batch_size: int = 4, steps: int = 4, warmup: bool = True,
-        timeout: float = 3600.0) -> dict:
+        precision: str = "auto", timeout: float = 3600.0) -> dict:
     import torch
 
     from models.precision import cpu_model
@@ -141,7 +143,7 @@ def run(size: str = "demo", films: int = 12, batch_size: int = 4, steps: int = 4
         tmp = Path(tmp)
         ckpt = build_checkpoint(tmp, size)
         t0 = time.time()
-        cfg = node_config(ckpt, [f"sampler.steps={steps}", "sampler.name=lcm", "inference.precision=auto"])
+        cfg = node_config(ckpt, [f"sampler.steps={steps}", "sampler.name=lcm", f"inference.precision={precision}"])
         model = NodeModel(ckpt, cfg)
         load_s = time.time() - t0
         sink = Sink()
@@ -195,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--films", type=int, default=12, help="films of the burst (default 12)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--steps", type=int, default=4, help="LCM steps (default 4, the project's default)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="inference.precision (default auto: bf16 where measured faster, models/precision.py)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false", help="no warm-up film before timing")
     p.add_argument("--out", help="also write the result as JSON")
     args = p.parse_args(argv)
@@ -202,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --films, --batch-size and --steps must be >= 1", file=sys.stderr)
         return 2
     try:
-        r = run(args.size, args.films, args.batch_size, args.steps, args.warmup)
+        r = run(args.size, args.films, args.batch_size, args.steps, args.warmup, args.precision)
     except (FileNotFoundError, RuntimeError, TimeoutError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
