@@ -165,3 +165,19 @@ def test_the_command_line_runs_as_a_module(trained, tmp_path):
                           "--test-data", str(test), "--out", str(tmp_path / "o")],
                          cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 2 and res.stderr == f"error: {vq}: is a 'vqgan' checkpoint, expected 'ldm'\n"
+
+
+@pytest.mark.slow
+def test_the_real_pairs_get_auto_masks(trained, tmp_path, szch_samples):
+    """The SZCH sample pairs (1024², no Mask/): masks default to the built-in segmenter, which finds both
+    lungs of both; every column is scored on both pairs, in and out of the lungs (about 15 s: scoring at 1024²)."""
+    ckpt, _, train, _ = trained
+    result = cross_domain.main(ckpt, train, szch_samples, tmp_path / "o", overrides=("sampler.steps=1",),
+                               figure_cases=0)
+    assert result["failures"] == [] and result["n_test"] == 2
+    assert result["masks"]["mode"] == "auto" and result["masks"]["n_with_mask"] == 2
+    assert sorted(p.name for p in (tmp_path / "o" / "masks").iterdir()) == ["0.png", "1.png"]
+    for col in result["columns"].values():
+        assert col["n_scored"] == 2 and col["metrics"]["bsr_hp32_lung"]["n"] == 2
+    assert result["columns"]["identity"]["metrics"]["bsr_hp32"]["mean"] == pytest.approx(0.0, abs=1e-9)
+    assert result["figure"]["cases"] == [] and not (tmp_path / "o" / "cross_domain.png").exists()

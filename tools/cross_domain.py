@@ -22,7 +22,8 @@ Inputs:
 
 Steps: lung masks (``--masks folder``: <test>/Mask, the default when it exists; ``--masks auto``: the
 built-in segmenter ``data.lungseg.segment_lungs``, the one ``global_local.masks=auto`` runs, written
-to OUT/masks first so that inference and scoring use the same masks); then ldm_eval.py's library
+to OUT/masks first so that inference and scoring use the same masks; the tool passes its mask
+folder to ldm_eval, so a ``--set global_local.masks=...`` is overridden); then ldm_eval.py's library
 entry (``ldm_eval.eval_config`` + ``ldm_eval.main``) on the test cases with the checkpoint's config,
 ``data.root`` pointed at the test data and the ``--set`` items, into OUT/pred. A case without a mask
 (no Mask/ file, or lungs the segmenter cannot find: ldm_eval itself would fail such a case, its
