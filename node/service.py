@@ -79,6 +79,12 @@ def valid_ae_title(title: str) -> bool:
     return 0 < len(title.strip()) <= 16 and all(32 <= ord(c) < 127 and c != "\\" for c in title)
 
 
+def printable(text: str, limit: int = 80) -> str:
+    """A value from a received file as it may appear in a log line: printable ASCII, one line, bounded."""
+    text = "".join(c if 32 <= ord(c) < 127 else "?" for c in str(text))
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def status(code: int, comment: str = ""):
     """A C-STORE / C-ECHO response status, with an Error Comment (64 characters at most) if given."""
     from pydicom.dataset import Dataset
@@ -225,12 +231,12 @@ class Node:
 
     # ------------------------------------------------------------------------------ receiving
     def _on_rejected(self, event) -> None:
-        self._log(f"association from {event.assoc.requestor.ae_title} at {event.assoc.requestor.address} rejected"
+        self._log(f"association from {printable(event.assoc.requestor.ae_title, 16)} at {event.assoc.requestor.address} rejected"
                   f"{' (calling AE not in --allow-ae)' if self.allow_ae else ''}")
 
     def _on_store(self, event):
-        calling = str(event.assoc.requestor.ae_title).strip()
-        sop_class = str(event.context.abstract_syntax)
+        calling = printable(str(event.assoc.requestor.ae_title).strip(), 16)
+        sop_class = printable(event.context.abstract_syntax)
         uid = str(event.request.AffectedSOPInstanceUID or "")
         if sop_class not in ACCEPTED_SOP_CLASSES:
             self.counters["refused"] += 1
@@ -241,15 +247,19 @@ class Node:
             return status(CANNOT_UNDERSTAND, "no Affected SOP Instance UID")
         key = instance_key(uid)
         with self._lock:
-            if key in self._receiving or self.storage.state(key) is not None:
-                self.counters["duplicates"] += 1
-                return status(SUCCESS)                 # already here: idempotent, nothing redone
-            self._receiving.add(key)
+            state = "being received" if key in self._receiving else self.storage.state(key)
+            if state is None:
+                self._receiving.add(key)
+        if state is not None:                          # already here: idempotent, nothing redone
+            self.counters["duplicates"] += 1
+            self._log(f"duplicate from {calling}: SOP Instance UID {printable(uid)} already {state}; acknowledged, not "
+                      "processed again")
+            return status(SUCCESS)
         try:
             try:
                 ds = event.dataset
                 ds_uid = str(ds.get("SOPInstanceUID", ""))
-                study = str(ds.get("StudyInstanceUID", ""))
+                study = printable(ds.get("StudyInstanceUID", ""))
                 own = _is_own_output(ds)
             except Exception as e:                     # undecodable data set
                 return self._refuse(calling, CANNOT_UNDERSTAND, f"cannot decode the data set ({type(e).__name__})")
@@ -296,7 +306,7 @@ class Node:
         study, received = f"(unreadable {key[:12]})", time.time()
         try:
             received = path.stat().st_mtime
-            study = str(pydicom.dcmread(path, stop_before_pixels=True).get("StudyInstanceUID", study))
+            study = printable(pydicom.dcmread(path, stop_before_pixels=True).get("StudyInstanceUID", study))
         except Exception:
             pass
         return Film(key, study, "(before restart)", received)
@@ -310,10 +320,7 @@ class Node:
                 self._work.clear()
                 continue
             jobs = [(self.storage.path("received", k), self.storage.path("derived", k)) for k in keys]
-            try:
-                results = self.model.process(jobs)
-            except Exception as e:                     # the model itself failed: every film of the batch
-                results = [(0.0, f"{type(e).__name__}: {e}".splitlines()[0])] * len(keys)
+            results = self._run_model(jobs)
             for key, (seconds, error) in zip(keys, results):
                 film = self._films.get(key) or self._film_from_disk(key)
                 with self._lock:
@@ -329,6 +336,17 @@ class Node:
                     self.counters["failed"] += 1
                     self._finish(key, error)
             self._send.set()
+
+    def _run_model(self, jobs: list) -> list:
+        """The model on a batch; if the batch as a whole fails (out of memory ...), each film alone, so
+        that only the films that fail by themselves are given up."""
+        try:
+            return self.model.process(jobs)
+        except Exception as e:
+            if len(jobs) > 1:
+                self._log(f"a batch of {len(jobs)} failed ({type(e).__name__}); processing its films one by one")
+                return [r for job in jobs for r in self._run_model([job])]
+            return [(0.0, f"{type(e).__name__}: {e}".splitlines()[0] if str(e) else type(e).__name__)]
 
     # ------------------------------------------------------------------------------ sending
     def _send_loop(self) -> None:

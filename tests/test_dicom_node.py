@@ -451,3 +451,45 @@ def test_cli_errors_are_one_line(tmp_path, ckpt, capsys):
             assert err.startswith("error: ") and expected in err and len(err.splitlines()) == 1, err
     finally:
         taken.close()
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_a_failing_batch_is_retried_film_by_film(tmp_path):
+    """A batch that fails as a whole (out of memory) is processed film by film; a film that fails by
+    itself is given up alone (failed/), with one log line for its study; hostile UIDs stay out of paths."""
+    class Model:
+        calls: list = []
+
+        def process(self, jobs):
+            self.calls.append(len(jobs))
+            if len(jobs) > 1:
+                raise MemoryError()
+            src, dst = jobs[0]
+            if pydicom.dcmread(src).PatientID == "NODE-001":
+                return [(0.1, f"{src.name}: no two lungs found")]
+            shutil.copy(src, dst)
+            return [(0.1, None)]
+
+    films = make_films(tmp_path / "films", 3)
+    ds = pydicom.dcmread(films[2])
+    with pytest.warns(UserWarning, match="Invalid value for VR UI"):
+        ds.StudyInstanceUID = "1.2.3\n../../evil"
+    ds.save_as(films[2])
+    storage = Storage(tmp_path / "node")                 # three films queued by a former run
+    for f in films:
+        storage.receive(instance_key(pydicom.dcmread(f).SOPInstanceUID), f.read_bytes())
+    lines = Lines()
+    node = Node(storage, Model(), "BONESUP", Destination("127.0.0.1", free_port(), "DOWN"), port=0, batch_size=3,
+                retry_base=5, log=lines).start()
+    try:
+        wait_for(lambda: storage.counts()["to_process"] == 0 and storage.counts()["failed"] == 1, 30,
+                 "the batch to be processed")
+    finally:
+        node.stop()
+    assert node.storage.counts()["to_send"] == 2
+    assert Model.calls == [3, 1, 1, 1] and any("a batch of 3 failed (MemoryError)" in line for line in lines)
+    assert any("3 films queued from before" in line for line in lines)
+    assert [line for line in lines if line.startswith("study ") and "1 failed: " in line and "no two lungs" in line]
+    assert all("\n" not in line for line in lines)
+    files = [p for p in (tmp_path / "node").rglob("*") if p.is_file()]
+    assert all(p.resolve().is_relative_to((tmp_path / "node").resolve()) for p in files)
