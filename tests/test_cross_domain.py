@@ -88,6 +88,17 @@ def test_library_main_table_json_and_leave_one_out_oracle(trained, tmp_path):
         assert np.abs(pred - apply_tone_curve(loo, pairs[n][0])).max() <= 0.5 / 255 + 1e-6
     assert (out / "cross_domain.png").stat().st_size > 10_000
     assert saved["figure"]["cases"] == names
+    # a second run into the same folder: a case that fails now is not scored from the first run's output
+    (tmp_path / "broken").mkdir()
+    for sub in ("CXR", "BS", "Mask"):
+        shutil.copytree(test / sub, tmp_path / "broken" / sub)
+    write_gray(tmp_path / "broken" / "Mask" / names[0], np.full((32, 32), 255, np.uint8))    # not its CXR's size
+    assert cross_domain.cli(["--ckpt", str(ckpt), "--train-data", str(train), "--test-data", str(tmp_path / "broken"),
+                             "--out", str(out), "--set", "sampler.steps=1", "--figure-cases", "0"]) == 1
+    again = json.loads((out / "cross_domain.json").read_text())
+    assert {f["name"] for f in again["failures"] if f["stage"] == "inference"} == {names[0]}
+    assert not (out / "pred" / names[0]).exists()
+    assert all(c["n_scored"] == 2 for c in again["columns"].values())
 
 
 def test_cli_auto_masks_and_the_global_path_for_a_case_without_lungs(trained, tmp_path, capsys):

@@ -53,7 +53,7 @@ import numpy as np
 
 import ldm_eval
 from data.datasets import BS, CXR, MASK
-from data.io import ImageError, list_images, read_image, write_png
+from data.io import ImageError, list_images, output_name, read_image, write_png
 from data.lungseg import segment_lungs
 from data.splits import list_paths, read_list
 from evaluation import apply_tone_curve, fit_from_folders, score_folder, write_tone_predictions
@@ -169,6 +169,10 @@ def run_model(ckpt: str | Path, root: Path, names: list[str], masked: list[str],
     """ldm_eval.main on the test cases into ``out/pred``: the cases with a mask as the config says
     (global-local by default), the others with the global path alone. Returns (folder, one record per run)."""
     pred = out / "pred"
+    for n in names:     # an earlier run's output must not stand in for a case that fails this time
+        old = pred / output_name(root / CXR / n)
+        if old.is_file() and not old.is_symlink():
+            old.unlink()
     cfg, _ = eval_settings(ckpt, root, out / "lists" / "all", overrides, False)
     with_mask = set(masked)
     groups = {"as configured": [n for n in names if n in with_mask or not cfg.global_local.enabled],
