@@ -282,6 +282,31 @@ def test_film_to_orthanc_equals_ldm_eval(tmp_path, ckpt, orthanc, start_node):
 
 
 @needs_orthanc
+def test_global_local_film_equals_ldm_eval(tmp_path, ckpt, orthanc, start_node):
+    """With the global-local path (the checkpoint's default; the node takes its lung masks from the
+    built-in segmenter), the film in Orthanc equals ldm_eval.py's with global_local.masks=auto."""
+    from node.inference import NodeModel, node_config
+
+    cfg = node_config(ckpt)
+    assert cfg.global_local.enabled and cfg.global_local.masks == "auto"
+    node, _ = start_node(orthanc.destination, model=NodeModel(ckpt, cfg), storage=tmp_path / "gl-node")
+    (film,) = make_films(tmp_path / "films", 1, start=70)
+    src = pydicom.dcmread(film)
+    assert store(node.port, [film]) == [0]
+    got = wait_for(lambda: [d for d in orthanc.derived() if d.StudyInstanceUID == src.StudyInstanceUID], 60,
+                   "the derived series in Orthanc")[0]
+    key = instance_key(src.SOPInstanceUID)
+    (tmp_path / "in").mkdir()
+    shutil.copy(film, tmp_path / "in" / f"{key}.dcm")
+    ldm_eval = load_script("ldm_eval.py")
+    ldm_eval.main(ldm_eval.eval_config(ckpt, ["global_local.masks=auto"]), ckpt, input_dir=str(tmp_path / "in"),
+                  out_dir=tmp_path / "out", progress=False)
+    ref = pydicom.dcmread(tmp_path / "out" / f"{key}.dcm")
+    np.testing.assert_array_equal(got.pixel_array, ref.pixel_array)
+    assert got.DerivationDescription == ref.DerivationDescription and "GL-LCM global-local" in ref.DerivationDescription
+
+
+@needs_orthanc
 def test_refusals_non_image_corrupt_unknown_ae(tmp_path, orthanc, start_node):
     """A non-image object and a CT image are refused with 0x0122, a film with truncated pixel data
     with 0xC000 (nothing stored); with --allow-ae an unknown calling AE is rejected at association."""
