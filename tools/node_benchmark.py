@@ -24,7 +24,6 @@ ran on; ``--out`` saves the JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
