@@ -15,14 +15,15 @@ Stages, each the real script's ``main`` with ``configs/demo.yaml`` (no shortcut 
                    decoded and sent through the output path (what a perfect diffusion model would give)
     3. diffusion   ldm_train.py (the teacher)
     4. distill     ldm_train.py with configs/distill.yaml (+ configs/demo-distill.yaml)
-    5. inference   ldm_eval.py on the test split: global + local paths, LEG, Poisson fusion, 4 LCM steps;
-                   the teacher too, with 50 LCM steps (GL-LCM's sampler) and 50 DDIM steps (the ODE
-                   solution the student is distilled towards), to measure what distillation costs
+    5. inference   ldm_eval.py on the test split: global + local paths, LEG, Poisson fusion, 4 LCM steps
+                   (also with the input as bone-layer reference); the teacher with 50 DDIM steps (the ODE
+                   solution the student is distilled towards), to measure what distillation costs; the CT
+                   demo adds the student on the global path alone, the phantom demo the teacher with 50
+                   LCM steps (GL-LCM's sampler) (``DEMO_JOBS``)
     6. metrics     the tone-curve baseline (one global lookup table CXR -> soft tissue fitted on the train
                    split, ``evaluation.tone_curve``), then ``evaluation.score_folder`` (what metrics.py
-                   runs) for the student, both teacher runs, the first-stage ceiling, the tone curve and
-                   the identity (prediction = CXR), with the band-limited BSR; the contrast of the
-                   phantoms' nodules before and after
+                   runs) for every inference job, the first-stage ceiling, the tone curve and the identity
+                   (prediction = CXR), with the band-limited BSR; the contrast of the nodules before and after
     7. benchmark   tools.benchmark at the demo size
     8. report      tools.report -> <out>/report.html (open it in a browser; no server needed)
 
@@ -99,7 +100,7 @@ def main(out: str | Path = "runs/demo", overrides: tuple[str, ...] = (), progres
                            sets + [f"distill.teacher_ckpt={teacher_run}/checkpoints/best.pt"])
         student_run = ldm_train.main(dcfg, progress=progress)
     with stage("5 inference: global-local, 4 LCM steps"):
-        preds = run_inference(student_run, teacher_run, overrides, progress)
+        preds = run_inference(student_run, teacher_run, overrides, progress, DEMO_JOBS[data])
     mdir = out / "metrics"
     with stage("6 baselines and metrics"):
         preds["ceiling"] = ceiling
@@ -112,12 +113,12 @@ def main(out: str | Path = "runs/demo", overrides: tuple[str, ...] = (), progres
     with stage("7 benchmark"):
         bench_json = out / "benchmark.json"
         benchmark.main("quick" if extra_configs else "demo", max_steps=bench_max_steps, out=bench_json)
-    labels = tuple(COLUMNS)
+    labels = tuple(c for c in COLUMNS if c in preds)
     pred = preds["model"]
     with stage("8 report"):
         html_path = html_report.main(
             root, pred, test_list, out / "report.html",
-            metrics={title: mdir / label / "metrics_corrected_native.json" for label, title in COLUMNS.items()},
+            metrics={COLUMNS[label]: mdir / label / "metrics_corrected_native.json" for label in labels},
             benchmark=bench_json,
             curves={"VQGAN": vq_run / "curves.png", "diffusion": teacher_run / "curves.png",
                     "distillation": student_run / "curves.png"},
@@ -133,21 +134,32 @@ def main(out: str | Path = "runs/demo", overrides: tuple[str, ...] = (), progres
     return summary
 
 
-def run_inference(student_run: Path, teacher_run: Path, overrides, progress: bool) -> dict[str, Path]:
-    """ldm_eval.py on the test split: the student (with both bone-layer references) and the teacher
-    with 50 LCM and 50 DDIM steps; returns {column label: prediction folder}."""
+def run_inference(student_run: Path, teacher_run: Path, overrides, progress: bool,
+                  labels: tuple[str, ...] = ("model", "model_input_ref", "teacher", "teacher_ddim")) -> dict[str, Path]:
+    """ldm_eval.py on the test split for each of ``labels`` (keys of :data:`JOBS`); returns {label:
+    prediction folder}."""
     ldm_eval = load_script("ldm_eval.py")
-    student, teacher = (run / "checkpoints" / "best.pt" for run in (student_run, teacher_run))
-    jobs = {"model": (student, [], student_run / "eval" / "test"),
-            # the same student with the other bone-layer reference (the config's default is "decoded")
-            "model_input_ref": (student, ["output.residual_reference=input"],
-                                student_run / "eval" / "test-input-reference"),
-            "teacher": (teacher, ["sampler.name=lcm", "sampler.steps=50"], teacher_run / "eval" / "test-lcm50"),
-            "teacher_ddim": (teacher, ["sampler.name=ddim", "sampler.steps=50"], teacher_run / "eval" / "test-ddim50")}
-    for ckpt, sets, folder in jobs.values():
+    runs = {"student": student_run, "teacher": teacher_run}
+    for label in labels:
+        which, sets, sub = JOBS[label]
+        ckpt = runs[which] / "checkpoints" / "best.pt"
         ecfg = ldm_eval.eval_config(ckpt, [*overrides, *sets])      # the job's own settings win
-        ldm_eval.main(ecfg, ckpt, split="test", out_dir=folder, overwrite=True, progress=progress)
-    return {label: folder for label, (_, _, folder) in jobs.items()}
+        ldm_eval.main(ecfg, ckpt, split="test", out_dir=runs[which] / "eval" / sub, overwrite=True, progress=progress)
+    return {label: runs[JOBS[label][0]] / "eval" / JOBS[label][2] for label in labels}
+
+
+# Inference jobs of the demo: label -> (student or teacher, settings over the checkpoint's, folder under eval/).
+JOBS = {"model": ("student", [], "test"),
+        # the same student with the other bone-layer reference (the config's default is "decoded")
+        "model_input_ref": ("student", ["output.residual_reference=input"], "test-input-reference"),
+        # the same student on the global path alone (no lung-masked local path, no fusion)
+        "model_global": ("student", ["global_local.enabled=false"], "test-global"),
+        "teacher_ddim": ("teacher", ["sampler.name=ddim", "sampler.steps=50"], "test-ddim50"),
+        "teacher": ("teacher", ["sampler.name=lcm", "sampler.steps=50"], "test-lcm50")}
+# Which jobs each demo runs. The real-anatomy demo's teacher samples 64² latents, so its two 50-step runs
+# would cost about 3 minutes of the 15; it keeps the DDIM one (the ODE the student is distilled towards).
+DEMO_JOBS = {"ct": ("model", "model_input_ref", "model_global", "teacher_ddim"),
+             "phantom": ("model", "model_input_ref", "teacher", "teacher_ddim")}
 
 
 def score_predictions(root: Path, test_list: Path, preds: dict[str, Path], mdir: Path, progress: bool) -> dict:
@@ -168,13 +180,13 @@ def score_predictions(root: Path, test_list: Path, preds: dict[str, Path], mdir:
             report.write(mdir / label)
             if corrected:
                 summaries[label] = report.summary
-    return {label: summaries[label] for label in COLUMNS}
+    return {label: summaries[label] for label in COLUMNS if label in summaries}
 
 
 def print_table(summary: dict, labels: tuple[str, ...], nodules: dict, html_path: Path, times: dict) -> None:
     """The demo's closing table (mean ± std per column), the bone-removal verdicts and the total time."""
-    print("\n| test split (corrected, native) | student, 4 LCM steps | student, input reference | teacher, 50 DDIM steps "
-          "| teacher, 50 LCM steps | first-stage ceiling | tone curve | identity (CXR) |\n|---|---|---|---|---|---|---|---|")
+    print("\n| test split (corrected, native) | " + " | ".join(SHORT[c] for c in labels) + " |\n|---|"
+          + "---|" * len(labels))
     for key, label, scale in TABLE_ROWS:
         cells = [f"{summary['metrics'][c][key]['mean'] * scale:.2f} ± {summary['metrics'][c][key]['std'] * scale:.2f}"
                  for c in labels]
@@ -182,7 +194,7 @@ def print_table(summary: dict, labels: tuple[str, ...], nodules: dict, html_path
     if nodules["target"] is not None:
         print(f"| nodule contrast (10⁻³; target {nodules['target'] * 1000:.1f}) | "
               + " | ".join(f"{nodules[c] * 1000:.1f}" for c in labels) + " |")
-    for label in ("model", "model_input_ref"):
+    for label in (c for c in ("model", "model_input_ref", "model_global") if c in labels):
         failed = bone_removal_failures(summary["metrics"][label], summary["metrics"]["tone"], nodules[label],
                                        nodules["target"], **GOALS)
         print(f"\n{label}: " + ("meets every bone-removal goal" if not failed else "misses: " + "; ".join(failed)))
@@ -202,11 +214,17 @@ NOTES = {"ct": ["Data: digitally reconstructed radiographs of one chest CT (the 
 # The scored prediction folders, in table order, with their titles in the HTML report.
 COLUMNS = {"model": "model (distilled, 4 steps, global-local)",
            "model_input_ref": "same, input as bone-layer reference",
+           "model_global": "same, global path only",
            "teacher_ddim": "teacher (50 DDIM steps, global-local)",
            "teacher": "teacher (50 LCM steps, global-local)",
            "ceiling": "first-stage ceiling (true latent decoded)",
            "tone": "tone curve (baseline)",
            "identity": "identity (prediction = CXR)"}
+
+SHORT = {"model": "student, 4 LCM steps", "model_input_ref": "student, input reference",
+         "model_global": "student, global path only", "teacher_ddim": "teacher, 50 DDIM steps",
+         "teacher": "teacher, 50 LCM steps", "ceiling": "first-stage ceiling", "tone": "tone curve",
+         "identity": "identity (CXR)"}
 
 # What a model must do to count as removing bones, not just tone (the goals of the demo; measured
 # against the tone-curve baseline on the same test images). Missed goals are printed, not raised.
