@@ -68,3 +68,22 @@ def pair_folder(tmp_path) -> Path:
         mask[8:24, 18:28] = 255
         write_gray(root / "Mask" / name, mask)
     return root
+
+
+def fill_disk_after(monkeypatch, n: int) -> list:
+    """Make ``data.io``'s atomic writes fail with ENOSPC (a full disk) after ``n`` successful ones;
+    returns the list of paths it was asked to write (the failing ones included)."""
+    import errno
+
+    import data.io
+
+    real, calls = data.io.atomic_write, []
+
+    def filling_disk(path, write, *inputs):
+        calls.append(path)
+        if len(calls) > n:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, write, *inputs)
+
+    monkeypatch.setattr(data.io, "atomic_write", filling_disk)
+    return calls

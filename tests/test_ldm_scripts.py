@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from data.io import read_image
-from tests.conftest import ROOT, write_gray
+from tests.conftest import ROOT, fill_disk_after, write_gray
 from tests.scripts import load_script, smoke_config, tiny_dataset, untrained_ldm
 from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.config import ConfigError, config_from_dict
@@ -423,20 +423,9 @@ def test_a_failed_write_fails_that_image_only(untrained, tmp_path):
 def test_a_full_disk_stops_cleanly_keeping_what_was_written(untrained, tmp_path, monkeypatch):
     """ENOSPC on the third image: the two written stay and are counted, the rest is not processed, the
     summary says why in one line, timing.json is written, the exit status is 3."""
-    import errno
-
-    import data.io
-
     folder = _folder_of_images(tmp_path / "in", [f"x{i}.png" for i in range(6)])
-    real, calls = data.io.atomic_write, []
-
-    def filling_disk(path, write, *inputs):
-        calls.append(path)
-        if len(calls) > 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(path, write, *inputs)
-
-    monkeypatch.setattr(data.io, "atomic_write", filling_disk)
+    fill_disk_after(monkeypatch, 2)
+    undo = monkeypatch.undo
     cfg = ldm_eval.config_for(ldm_eval.build_parser().parse_args(["--ckpt", str(untrained), *EVAL_FAST[:1]]))
     summary = ldm_eval.main(cfg, untrained, input_dir=folder, out_dir=tmp_path / "out", batch_size=1, progress=False)
     assert summary["written"] == 2 and summary["not_processed"] == 3 and len(summary["failures"]) == 1
@@ -445,7 +434,7 @@ def test_a_full_disk_stops_cleanly_keeping_what_was_written(untrained, tmp_path,
     assert json.loads((tmp_path / "out" / "timing.json").read_text())["stopped"] == summary["stopped"]
     assert ldm_eval.exit_status(summary, distributed=False) == ldm_eval.exit_status(summary, distributed=True) == 3
     # resumed after freeing space: the two are skipped, the rest written
-    monkeypatch.setattr(data.io, "atomic_write", real)
+    undo()
     again = ldm_eval.main(cfg, untrained, input_dir=folder, out_dir=tmp_path / "out", progress=False)
     assert (again["written"], again["skipped_existing"], again["stopped"]) == (4, 2, None)
 

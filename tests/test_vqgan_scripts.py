@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from data.io import read_image
-from tests.conftest import ROOT, write_gray
+from tests.conftest import ROOT, fill_disk_after, write_gray
 from tests.scripts import load_script, smoke_config, tiny_dataset, untrained_ldm
 from utils.checkpoint import CheckpointError, load_checkpoint
 
@@ -222,22 +222,10 @@ def test_eval_output_names_agree_with_their_content(untrained_vqgan, tmp_path):
 
 def test_eval_full_disk_stops_cleanly(untrained_vqgan, tmp_path, monkeypatch):
     """ENOSPC on the second image: the first stays, the run stops, the summary says why."""
-    import errno
-
-    import data.io
-
     folder = tmp_path / "in"
     for i in range(4):
         write_gray(folder / f"x{i}.png", np.full((16, 16), 40 * i, np.uint8))
-    real, calls = data.io.atomic_write, []
-
-    def filling_disk(path, write, *inputs):
-        calls.append(path)
-        if len(calls) > 1:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(path, write, *inputs)
-
-    monkeypatch.setattr(data.io, "atomic_write", filling_disk)
+    fill_disk_after(monkeypatch, 1)
     cfg = evaluate.config_for(evaluate.build_parser().parse_args(["--ckpt", str(untrained_vqgan)]))
     summary = evaluate.main(cfg, untrained_vqgan, input_dir=folder, out_dir=tmp_path / "out", progress=False)
     assert summary["stopped"] == f"disk full: {tmp_path / 'out' / 'x1.png'}: cannot write (No space left on device)"
