@@ -64,8 +64,6 @@ class NodeModel:
     """
 
     def __init__(self, ckpt: str | Path, cfg, weights: str = "ema"):
-        import torch
-
         from models import load_ldm, load_vqgan
         from models.pipeline import BoneSuppressor
         from models.precision import prepare_for_inference
@@ -89,8 +87,7 @@ class NodeModel:
         self.suppressor = BoneSuppressor(unet, vqgan, build_schedule(train_cfg.diffusion), self.cfg,
                                          train_cfg.diffusion.cond_mode)
         self.derivation = derivation_text(self.cfg, ckpt)
-        self.device = device
-        torch.set_grad_enabled(False)
+        self.device = device      # (no global grad switch: BoneSuppressor runs under no_grad itself)
 
     def read(self, path: str | Path) -> tuple[XrayImage, object]:
         """A film and its lung mask (None for the global path alone).

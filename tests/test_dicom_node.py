@@ -205,6 +205,14 @@ def start_node(tmp_path, model):
 
 # ------------------------------------------------------------------------------------------ tests
 
+def test_loading_the_model_leaves_autograd_on(model):
+    """The node once switched autograd off for the whole process on loading (``set_grad_enabled(False)``):
+    any training in the same process, such as a later test, then failed in backward."""
+    import torch
+
+    assert model is not None and torch.is_grad_enabled()
+
+
 def test_storage_names_are_hashes_inside_the_folder(tmp_path):
     """Every file is named by the SHA-256 of the UID: a hostile UID cannot reach outside the folder."""
     s = Storage(tmp_path / "st")
