@@ -59,7 +59,8 @@ from data.io import (DICOM_EXTENSIONS, ImageError, check_output_names, input_ima
                      read_image, write_dicom, write_image)
 from data.masking import load_mask
 from models import load_ldm, load_vqgan
-from models.pipeline import BoneSuppressor
+from models.checkpoints import fixed_by_checkpoint
+from models.pipeline import BoneSuppressor, derivation_text
 from models.precision import prepare_for_inference
 from models.schedule import build_schedule
 from utils.atomic import atomic_write_text, json_text, refuse_input_folders, require_writable
@@ -224,9 +225,7 @@ def main(cfg, ckpt: str | Path, split: str | None = "test", input_dir: str | Non
     blocked = {f["name"] for f in failures}
     skipped = [p for p in jobs if p.name not in blocked and not overwrite and finished(out_dir, p)]
     jobs = [p for p in jobs if p.name not in blocked and p not in skipped]
-    derivation = (f"Bone suppression by {'GL-LCM global-local' if gl.enabled else 'latent diffusion'} sampling "
-                  f"({cfg.sampler.name}, {cfg.sampler.steps} steps) of {Path(ckpt).name}; output "
-                  f"{cfg.output.mode}; research use, not for diagnosis")
+    derivation = derivation_text(cfg, ckpt)
     bar = tqdm(total=len(jobs), desc=f"bone suppression{f' (rank {info.rank})' if info.distributed else ''}",
                disable=not progress, position=info.rank)
     processed = 0
@@ -383,16 +382,6 @@ def config_for(args: argparse.Namespace):
     if args.compile:
         overrides.append("inference.compile=true")
     return eval_config(args.ckpt, overrides, args.config)
-
-
-# What the trained model fixed: its size and intensity convention, architectures, schedule and training.
-FIXED_KEYS = ("data.image_size", "data.invert")
-FIXED_SECTIONS = ("vqgan.", "unet.", "diffusion.", "discriminator.", "vq_loss.", "vq_train.", "ldm_train.", "distill.")
-
-
-def fixed_by_checkpoint(key: str) -> bool:
-    """Keys an evaluation cannot change (``ldm_train.vqgan_ckpt`` can: it picks the first stage file)."""
-    return key != "ldm_train.vqgan_ckpt" and (key in FIXED_KEYS or key.startswith(FIXED_SECTIONS))
 
 
 def _get(cfg, dotted: str):

@@ -16,7 +16,17 @@ from models.vqgan import VQGAN, build_vqgan
 from utils.checkpoint import CheckpointError, load_checkpoint, load_state
 from utils.config import Config, config_from_dict
 
-__all__ = ["load_vqgan", "load_ldm"]
+__all__ = ["load_vqgan", "load_ldm", "fixed_by_checkpoint"]
+
+# What a trained model fixes: its size and intensity convention, architectures, schedule and training.
+# An evaluation (ldm_eval.py, the DICOM node) may not override these.
+FIXED_KEYS = ("data.image_size", "data.invert")
+FIXED_SECTIONS = ("vqgan.", "unet.", "diffusion.", "discriminator.", "vq_loss.", "vq_train.", "ldm_train.", "distill.")
+
+
+def fixed_by_checkpoint(key: str) -> bool:
+    """Keys an evaluation cannot change (``ldm_train.vqgan_ckpt`` can: it picks the first stage file)."""
+    return key != "ldm_train.vqgan_ckpt" and (key in FIXED_KEYS or key.startswith(FIXED_SECTIONS))
 
 
 def load_vqgan(path: str | Path, device: torch.device | str = "cpu") -> tuple[VQGAN, Config]:

@@ -28,6 +28,7 @@ Pixel space is [0, 1] display (bones bright). Per image:
 from __future__ import annotations
 
 import zlib
+from pathlib import Path
 from dataclasses import dataclass
 
 import numpy as np
@@ -202,6 +203,14 @@ def to_native(mode: str, pixels: np.ndarray, cxr_model: np.ndarray, soft_model: 
 
 
 @torch.no_grad()
+def derivation_text(cfg, ckpt) -> str:
+    """The Derivation Description of a derived DICOM instance (ldm_eval.py and the DICOM node write the same)."""
+    gl = cfg.global_local
+    return (f"Bone suppression by {'GL-LCM global-local' if gl.enabled else 'latent diffusion'} sampling "
+            f"({cfg.sampler.name}, {cfg.sampler.steps} steps) of {Path(ckpt).name}; output "
+            f"{cfg.output.mode}; research use, not for diagnosis")
+
+
 def first_stage_ceiling(vqgan, cfg, cxr: np.ndarray, soft: np.ndarray) -> np.ndarray:
     """What a perfect diffusion model would return: the true soft-tissue latent, decoded and sent
     through the same output path as a sampled one (``output.mode``, ``output.residual_reference``).

@@ -18,11 +18,6 @@ from data.io import ImageError, XrayImage, read_image, write_dicom
 from utils.checkpoint import CheckpointError, resolve_first_stage
 from utils.config import ConfigError
 
-# What the trained model fixed (as in ldm_eval.py): an override of these is refused.
-FIXED_KEYS = ("data.image_size", "data.invert")
-FIXED_SECTIONS = ("vqgan.", "unet.", "diffusion.", "discriminator.", "vq_loss.", "vq_train.", "ldm_train.", "distill.")
-
-
 def node_config(ckpt: str | Path, overrides: list[str] = (), config_files: list | None = None,
                 global_only: bool = False):
     """The config a node runs ``ckpt`` with: the checkpoint's own (or ``config_files``) with
@@ -33,25 +28,18 @@ def node_config(ckpt: str | Path, overrides: list[str] = (), config_files: list 
         ConfigError: a bad override, or one of a key the checkpoint fixed.
         CheckpointError: not a stage-2 checkpoint of this project.
     """
+    from models.checkpoints import fixed_by_checkpoint
     from utils.scripts import checkpoint_config
 
     for item in overrides:
         key = item.split("=", 1)[0].strip()
-        if key != "ldm_train.vqgan_ckpt" and (key in FIXED_KEYS or key.startswith(FIXED_SECTIONS)):
+        if fixed_by_checkpoint(key):
             raise ConfigError(f"--set {item}: {key} is fixed by the checkpoint; the node cannot change it")
     extra = ["global_local.enabled=false"] if global_only else []
     cfg = checkpoint_config(ckpt, "ldm", config_files, [*overrides, *extra])
     if cfg.global_local.enabled and cfg.global_local.masks != "auto":
         cfg = dataclasses.replace(cfg, global_local=dataclasses.replace(cfg.global_local, masks="auto"))
     return cfg
-
-
-def derivation_text(cfg, ckpt: str | Path) -> str:
-    """The derived instance's Derivation Description: the same words as ``ldm_eval.py``'s."""
-    gl = cfg.global_local
-    return (f"Bone suppression by {'GL-LCM global-local' if gl.enabled else 'latent diffusion'} sampling "
-            f"({cfg.sampler.name}, {cfg.sampler.steps} steps) of {Path(ckpt).name}; output "
-            f"{cfg.output.mode}; research use, not for diagnosis")
 
 
 class NodeModel:
@@ -65,7 +53,7 @@ class NodeModel:
 
     def __init__(self, ckpt: str | Path, cfg, weights: str = "ema"):
         from models import load_ldm, load_vqgan
-        from models.pipeline import BoneSuppressor
+        from models.pipeline import BoneSuppressor, derivation_text
         from models.precision import prepare_for_inference
         from models.schedule import build_schedule
         from utils.dist import resolve_device
