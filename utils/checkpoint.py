@@ -53,8 +53,6 @@ def load_checkpoint(path: str | Path, kind: str | None = None, *, lazy: bool = F
     if not p.is_file():
         raise CheckpointError(f"{p}: checkpoint not found")
     if p.suffix == ".safetensors":
-        from utils.release import load_safetensors
-
         ckpt = load_safetensors(p)
     else:
         ckpt = _load_pt(p, lazy)
@@ -87,6 +85,70 @@ def _load_pt(p: Path, lazy: bool = False) -> dict:
         raise CheckpointError(f"{p}: not a checkpoint of this project (no '{FORMAT}' header); "
                               "whole pickled models from the reference code are not loaded")
     return ckpt
+
+
+def _header_json(path: Path, header: dict, key: str, default: str) -> object:
+    """One JSON field of a safetensors header; hostile text is a CheckpointError naming file and key.
+
+    The header is 100 MB at most (safetensors' limit), enough for a nesting far deeper than Python's
+    recursion limit, so RecursionError is caught as well as malformed JSON; NaN and Infinity, which
+    this project never writes, are refused."""
+
+    def no_constant(c: str):
+        raise ValueError(f"{c} is not JSON")
+
+    try:
+        return json.loads(header.get(key, default), parse_constant=no_constant)
+    except RecursionError:
+        raise CheckpointError(f"{path}: damaged header: '{key}' is nested too deeply") from None
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: damaged header: '{key}' is not JSON ({_short(e)})") from None
+
+
+def _short(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def load_safetensors(path: Path) -> dict:
+    """The checkpoint dict of a release file (:mod:`utils.release`). Raises CheckpointError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    if header.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: a safetensors file without this project's header (format "
+                              f"'{FORMAT}'); export releases with convert_reference.py --export")
+    if "config" not in header:
+        raise CheckpointError(f"{path}: damaged header: no 'config'")
+    config = _header_json(path, header, "config", "{}")
+    extra = _header_json(path, header, "extra", "{}")
+    aliases = _header_json(path, header, "aliases", "{}")
+    for key, value in (("config", config), ("extra", extra), ("aliases", aliases)):
+        if not isinstance(value, dict):
+            raise CheckpointError(f"{path}: damaged header: '{key}' is a {type(value).__name__}, not a mapping")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
+        raise CheckpointError(f"{path}: damaged header: 'aliases' must map slot names to slot names")
+    try:
+        step, epoch = int(header.get("step", 0)), int(header.get("epoch", 0))
+    except ValueError:
+        raise CheckpointError(f"{path}: damaged header: 'step' and 'epoch' must be integers") from None
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        slot, _, key = name.partition(".")
+        state.setdefault(slot, {})[key] = t
+    for alias, slot in aliases.items():
+        if slot not in state:
+            raise CheckpointError(f"{path}: header names slot {_short(slot)!r} for {_short(alias)!r}, which the file "
+                                  "does not hold")
+        state[alias] = state[slot]
+    return {"format": FORMAT, "kind": header.get("kind"), "step": step, "epoch": epoch, "config": config,
+            "state": state, "extra": extra}
 
 
 # What each kind of checkpoint must hold for the loaders: state slots (any one of them) and extra keys.

@@ -10,6 +10,9 @@ and needs no trust in its source. A release of this project is one file per stag
 Each header carries the whole config, so :func:`utils.checkpoint.load_checkpoint` returns the same
 dict for a ``.safetensors`` file as for a ``.pt`` checkpoint, and every loader accepts both. The
 stage-2 config names its first stage relative to its own folder (``vqgan.safetensors``).
+
+This module writes releases; reading one is :func:`utils.checkpoint.load_safetensors` (so the
+dependency runs one way: release -> checkpoint).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from pathlib import Path
 import torch
 
 from utils.atomic import atomic_write, json_text
+from utils.checkpoint import FORMAT, CheckpointError, load_checkpoint, resolve_first_stage
 
 
 def save_safetensors(path: str | Path, *, kind: str, step: int, epoch: int, config: dict,
@@ -31,8 +35,6 @@ def save_safetensors(path: str | Path, *, kind: str, step: int, epoch: int, conf
         extra: JSON-able facts (latent size, sources); other values are dropped.
     """
     from safetensors.torch import save_file
-
-    from utils.checkpoint import FORMAT
 
     tensors = {f"{slot}.{k}": t.detach().to("cpu").contiguous() for slot, sd in state.items() for k, t in sd.items()}
     header = {"format": FORMAT, "kind": kind, "step": str(int(step)), "epoch": str(int(epoch)),
@@ -64,73 +66,6 @@ def _jsonable(d: dict) -> dict:
     return out
 
 
-def _header_json(path: Path, header: dict, key: str, default: str) -> object:
-    """One JSON field of a safetensors header; hostile text is a CheckpointError naming file and key.
-
-    The header is 100 MB at most (safetensors' limit), enough for a nesting far deeper than Python's
-    recursion limit, so RecursionError is caught as well as malformed JSON; NaN and Infinity, which
-    this project never writes, are refused."""
-    from utils.checkpoint import CheckpointError
-
-    def no_constant(c: str):
-        raise ValueError(f"{c} is not JSON")
-
-    try:
-        return json.loads(header.get(key, default), parse_constant=no_constant)
-    except RecursionError:
-        raise CheckpointError(f"{path}: damaged header: '{key}' is nested too deeply") from None
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: damaged header: '{key}' is not JSON ({_short(e)})") from None
-
-
-def _short(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text if len(text) <= 160 else text[:157] + "..."
-
-
-def load_safetensors(path: Path) -> dict:
-    """The checkpoint dict of a release file (see :mod:`utils.checkpoint`). Raises CheckpointError."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
-
-    from utils.checkpoint import FORMAT, CheckpointError
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    if header.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: a safetensors file without this project's header (format "
-                              f"'{FORMAT}'); export releases with convert_reference.py --export")
-    if "config" not in header:
-        raise CheckpointError(f"{path}: damaged header: no 'config'")
-    config = _header_json(path, header, "config", "{}")
-    extra = _header_json(path, header, "extra", "{}")
-    aliases = _header_json(path, header, "aliases", "{}")
-    for key, value in (("config", config), ("extra", extra), ("aliases", aliases)):
-        if not isinstance(value, dict):
-            raise CheckpointError(f"{path}: damaged header: '{key}' is a {type(value).__name__}, not a mapping")
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
-        raise CheckpointError(f"{path}: damaged header: 'aliases' must map slot names to slot names")
-    try:
-        step, epoch = int(header.get("step", 0)), int(header.get("epoch", 0))
-    except ValueError:
-        raise CheckpointError(f"{path}: damaged header: 'step' and 'epoch' must be integers") from None
-    state: dict[str, dict[str, torch.Tensor]] = {}
-    for name, t in tensors.items():
-        slot, _, key = name.partition(".")
-        state.setdefault(slot, {})[key] = t
-    for alias, slot in aliases.items():
-        if slot not in state:
-            raise CheckpointError(f"{path}: header names slot {_short(slot)!r} for {_short(alias)!r}, which the file "
-                                  "does not hold")
-        state[alias] = state[slot]
-    return {"format": FORMAT, "kind": header.get("kind"), "step": step, "epoch": epoch, "config": config,
-            "state": state, "extra": extra}
-
-
 # ---- a release folder ------------------------------------------------------------------------------
 
 def _same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -147,8 +82,6 @@ def export_release(ckpt_path: str | Path, out_dir: str | Path, weights: str = "e
     ``MODEL_CARD.md``. For a VQGAN checkpoint: ``vqgan.safetensors``, its config and card.
     Returns the written paths. Raises CheckpointError on an unusable checkpoint or slot.
     """
-    from utils.checkpoint import CheckpointError, load_checkpoint, resolve_first_stage
-
     ckpt_path, out = Path(ckpt_path), Path(out_dir)
     ckpt = load_checkpoint(ckpt_path)
     if ckpt.get("kind") not in ("ldm", "vqgan"):
@@ -177,7 +110,6 @@ RELEASE_SECTIONS = ("run", "data", "vqgan", "unet", "diffusion", "ldm_train", "s
 def release_config(ckpt: dict, path: Path) -> dict:
     """The checkpoint's config, checked like every loader checks it (schema, types, ranges), as a plain dict;
     a config without a section the release reads is refused by name instead of a KeyError."""
-    from utils.checkpoint import CheckpointError
     from utils.config import ConfigError, config_from_dict, config_to_dict
 
     raw = ckpt.get("config")
@@ -199,7 +131,6 @@ def _write_release(ckpt_path: Path, ckpt: dict, vq: dict, out: Path, weights: st
     """The files of :func:`export_release`, each appended to ``written`` once it exists."""
     import yaml
 
-    from utils.checkpoint import CheckpointError
 
     def saved(path: Path) -> Path:
         written.append(path)
