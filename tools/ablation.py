@@ -1,7 +1,8 @@
 """Ablation runner: the published ablations of a trained model, each row a real ldm_eval.py + metrics.py run.
 
 Usage:
-    python -m tools.ablation --ckpt runs/demo/ldm/001-distill/checkpoints/best.pt --out docs/ablation --work runs/demo/ablation
+    python -m tools.ablation --ckpt runs/demo/ldm/001-distill/checkpoints/best.pt --out docs/generated/ablation \
+        --work runs/demo/ablation
     python -m tools.ablation --ckpt offset=runs/ldm/000-szch/checkpoints/best.pt \
         --ckpt no-offset=runs/ldm/001-szch-nooffset/checkpoints/best.pt --tables offset_tat --out runs/ablation
     python -m tools.ablation --ckpt CKPT --tables sampler --samplers lcm ddim ddpm --steps 1 2 4 8 50 --limit 20 --out DIR

@@ -1,7 +1,7 @@
 """Frequency analysis of soft-tissue images, their VQ latents and the diffusion noise: why offset noise.
 
 Usage:
-    python -m tools.analysis --ckpt runs/demo/ldm/000-demo/checkpoints/best.pt --out docs/analysis
+    python -m tools.analysis --ckpt runs/demo/ldm/000-demo/checkpoints/best.pt --out docs/generated/analysis
     python -m tools.analysis --ckpt runs/vqgan/000-szch/checkpoints/best.pt --split test --n 16 --components 64 \
         --out runs/analysis --set data.root=/data/SZCH-X-Rays --set diffusion.beta_schedule=cosine
 

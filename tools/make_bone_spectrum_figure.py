@@ -1,5 +1,5 @@
-"""Render docs/bone_spectrum.png: how the bone image (CXR - soft tissue) splits its energy across
-frequency bands, on the real SZCH pairs and on the demo phantoms, bands relative to the width.
+"""Render docs/generated/figures/bone_spectrum.png: how the bone image (CXR - soft tissue) splits its
+energy across frequency bands, on the real SZCH pairs and on the demo phantoms, bands relative to the width.
 
 Each bar is the share of the bone image's energy in one band of ``evaluation.band_energies`` ("tone" is
 everything coarser than a Gaussian of sigma = W/4, "fine" everything finer than W/128). Real pairs
@@ -7,7 +7,8 @@ are area-resized to the phantoms' size first, so both are compared at the demo's
 
 Usage (from the repository root; DIR holds CXR/ and BS/ of registered real pairs):
     python -m tools.make_bone_spectrum_figure --real DIR
-    python -m tools.make_bone_spectrum_figure --real DIR --phantoms 32 --size 256 --out docs/bone_spectrum.png
+    python -m tools.make_bone_spectrum_figure --real DIR --phantoms 32 --size 256 \
+        --out docs/generated/figures/bone_spectrum.png
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def main(argv=None) -> None:
     p.add_argument("--real", type=Path, required=True, help="folder with CXR/ and BS/ of real pairs")
     p.add_argument("--phantoms", type=int, default=16, help="number of demo phantoms (dataset seed 0)")
     p.add_argument("--size", type=int, default=256, help="phantom size = size the real pairs are resized to")
-    p.add_argument("--out", type=Path, default=REPO / "docs" / "bone_spectrum.png")
+    p.add_argument("--out", type=Path, default=REPO / "docs" / "generated" / "figures" / "bone_spectrum.png")
     args = p.parse_args(argv)
     for sub in ("CXR", "BS"):
         if args.real is not None and not (args.real / sub).is_dir():

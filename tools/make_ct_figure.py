@@ -1,12 +1,12 @@
-"""Render docs/ct_pairs.png: two views of a CT-projected dataset (a held-out test view and the most
-rotated training view), each as CXR | soft tissue | bone (CXR − soft tissue) | lung mask.
+"""Render docs/generated/figures/ct_pairs.png: two views of a CT-projected dataset (a held-out test view
+and the most rotated training view), each as CXR | soft tissue | bone (CXR − soft tissue) | lung mask.
 
 The images are the dataset's own 8-bit files, shown at native pixels (no resampling), so the figure
 is what the models see. The Bone/ panel is the file written by the generator (the signed bone layer
 mapped from [−0.10, 0.50] to [0, 1]).
 
 Usage (from the repository root, after `make data` or `make demo`):
-    python -m tools.make_ct_figure                                  # datasets/demo -> docs/ct_pairs.png
+    python -m tools.make_ct_figure              # datasets/demo -> docs/generated/figures/ct_pairs.png
     python -m tools.make_ct_figure --data datasets/ct_case01 --out ct_case01.png
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ def main(argv=None) -> Path:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=REPO / "datasets" / "demo",
                    help="a dataset written by dataSegmentation.py --from-ct (holds views.csv)")
-    p.add_argument("--out", type=Path, default=REPO / "docs" / "ct_pairs.png")
+    p.add_argument("--out", type=Path, default=REPO / "docs" / "generated" / "figures" / "ct_pairs.png")
     args = p.parse_args(argv)
     views = args.data / "views.csv"
     if not views.is_file():

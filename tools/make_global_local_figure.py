@@ -2,7 +2,7 @@
 
 Usage (after `make demo`):
     python -m tools.make_global_local_figure --ckpt runs/demo/ldm/001-distill/checkpoints/best.pt \
-        --out docs/global_local.png
+        --out docs/generated/figures/global_local.png
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def main(ckpt: str, out: str, index: int = 0) -> None:
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", required=True)
-    p.add_argument("--out", default="docs/global_local.png")
+    p.add_argument("--out", default="docs/generated/figures/global_local.png")
     p.add_argument("--index", type=int, default=0, help="which test image")
     a = p.parse_args()
     main(a.ckpt, a.out, a.index)

@@ -1,4 +1,4 @@
-"""Render docs/lung_masks.png: the lung segmenter of data/lungseg.py on real and phantom CXRs.
+"""Render docs/generated/figures/lung_masks.png: the lung segmenter of data/lungseg.py on real and phantom CXRs.
 
 Panels: the two real SZCH samples (CXR/0.png, CXR/1.png), the real CR DICOM RG1_UNCR.dcm from
 pydicom-data (15-bit MONOCHROME1, inverted on read: bones bright), and synthetic phantoms. The
@@ -7,7 +7,7 @@ title gives the Dice score. Titles give the lung area as a fraction of the image
 
 Usage (from the repository root):
     python -m tools.make_lung_overlays --real /path/to/szch-samples
-    python -m tools.make_lung_overlays --seeds 0 3 --size 256 --out docs/lung_masks.png
+    python -m tools.make_lung_overlays --seeds 0 3 --size 256 --out docs/generated/figures/lung_masks.png
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="phantom seeds (20 is the worst of seeds 0-49)")
     p.add_argument("--size", type=int, default=256, help="phantom size in pixels")
     p.add_argument("--dpi", type=int, default=80)
-    p.add_argument("--out", type=Path, default=REPO / "docs" / "lung_masks.png")
+    p.add_argument("--out", type=Path, default=REPO / "docs" / "generated" / "figures" / "lung_masks.png")
     args = p.parse_args(argv)
     for sub in ("CXR",):
         if args.real is not None and not (args.real / sub).is_dir():

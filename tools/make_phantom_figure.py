@@ -1,4 +1,4 @@
-"""Render docs/phantom_vs_real.png: a real SZCH pair next to a synthetic phantom.
+"""Render docs/generated/figures/phantom_vs_real.png: a real SZCH pair next to a synthetic phantom.
 
 Top row: real pair 0 (CXR | soft tissue | CXR - soft tissue). Bottom row: one phantom (CXR | soft
 tissue target | bone = CXR - soft tissue). Both difference images share one gray scale, so their
@@ -6,7 +6,8 @@ contrast can be compared directly.
 
 Usage (from the repository root):
     python -m tools.make_phantom_figure --real /path/to/szch-samples
-    python -m tools.make_phantom_figure --real /path/to/szch-samples --seed 3 --size 1024 --out docs/phantom_vs_real.png
+    python -m tools.make_phantom_figure --real /path/to/szch-samples --seed 3 --size 1024 \
+        --out docs/generated/figures/phantom_vs_real.png
     python -m tools.make_phantom_figure --real /path/to/szch-samples --name 1.png
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="phantom seed")
     p.add_argument("--size", type=int, default=1024, help="phantom size in pixels")
     p.add_argument("--dpi", type=int, default=80)
-    p.add_argument("--out", type=Path, default=REPO / "docs" / "phantom_vs_real.png")
+    p.add_argument("--out", type=Path, default=REPO / "docs" / "generated" / "figures" / "phantom_vs_real.png")
     args = p.parse_args(argv)
     for sub in ("CXR", "BS"):
         if args.real is not None and not (args.real / sub).is_dir():

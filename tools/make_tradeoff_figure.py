@@ -1,5 +1,5 @@
-"""Render docs/tradeoff.png: the teacher's high-pass BSR (sigma = W/32) on the demo test split against
-the CPU minutes its two trainings (VQGAN + latent diffusion teacher) take on a 2-core CPU.
+"""Render docs/generated/figures/tradeoff.png: the teacher's high-pass BSR (sigma = W/32) on the demo test
+split against the CPU minutes its two trainings (VQGAN + latent diffusion teacher) take on a 2-core CPU.
 
 The quality figures were measured with this repository's trainers and ldm_eval.py (50 DDIM steps,
 global-local, 27 test images of configs/demo.yaml's phantoms) on an NVIDIA H200 lent to one task,
@@ -27,7 +27,7 @@ RUNS = [("VQGAN 408", 408, 1020, (1, 1), 0.049, -0.006), ("VQGAN 408", 408, 2040
 TRAINING_BUDGET_MIN = 12.0         # 15 minutes minus the other stages of make demo (about 3 minutes here)
 
 
-def main(out: Path = REPO / "docs" / "tradeoff.png") -> None:
+def main(out: Path = REPO / "docs" / "generated" / "figures" / "tradeoff.png") -> None:
     from utils.logging import pyplot, save_figure
 
     plt = pyplot()
@@ -56,5 +56,5 @@ def main(out: Path = REPO / "docs" / "tradeoff.png") -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "tradeoff.png")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "generated" / "figures" / "tradeoff.png")
     main(parser.parse_args().out)
