@@ -44,8 +44,9 @@ from collections.abc import Callable
 
 import torch
 
-from models.inference import LATENT_CHANNELS, sampler_grid, tat_ranges
-from models.samplers import BlockGenerators, DenoiseFn, Generators, StepOutput, block_clip_ranges, sample
+from models.inference import LATENT_CHANNELS
+from models.samplers import (BlockGenerators, DenoiseFn, Generators, StepOutput, block_clip_ranges, sample,
+                             sampler_grid, tat_ranges)
 from models.schedule import NoiseSchedule, model_input_sample, randn
 
 __all__ = ["LEG_MODES", "local_enhanced_guidance", "dual_path_denoiser", "dual_path_sample",

@@ -4,17 +4,17 @@ The UNet, the noise schedule and the sampler stay separate: :func:`make_denoiser
 builds the ``denoise_fn`` the samplers call, putting the condition into the network input the way
 the model was trained (``diffusion.cond_mode``, §3.5) and keeping only the 4 supervised output
 channels (§7.4). :func:`suppress_latents` runs the configured sampler with temporal adaptive
-thresholding r_j = r0 + κ·j. A run's timestep grid is computed once (:func:`sampler_grid`) and
-passed to the clip ranges (:func:`tat_ranges`) and to the loop (:func:`models.samplers.sample`).
+thresholding r_j = r0 + κ·j. A run's timestep grid is computed once
+(:func:`models.samplers.sampler_grid`) and passed to the clip ranges
+(:func:`models.samplers.tat_ranges`) and to the loop (:func:`models.samplers.sample`).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Callable
 
 import torch
 
-from models.samplers import clip_ranges, clip_ranges_by_time, sample, sample_timesteps
+from models.samplers import sample, sampler_grid, tat_ranges
 from models.schedule import NoiseSchedule, model_input_sample
 
 LATENT_CHANNELS = 4
@@ -29,32 +29,6 @@ def make_denoiser(unet: torch.nn.Module, schedule: NoiseSchedule, cond: torch.Te
         return out[:, :LATENT_CHANNELS].float()
 
     return denoise_fn
-
-
-def sampler_grid(sampler_cfg, schedule: NoiseSchedule, original_steps: int = 50) -> list[int]:
-    """The timestep grid of the configured sampler (``sampler_cfg.name``, ``steps``), descending; the
-    one computation of it in a run, handed to :func:`tat_ranges` and :func:`models.samplers.sample`."""
-    return sample_timesteps(sampler_cfg.name, sampler_cfg.steps, schedule.num_train_timesteps, original_steps)
-
-
-def tat_ranges(sampler_cfg, r0: float, num_train_timesteps: int = 1000, original_steps: int = 50,
-               timesteps: Sequence[int] | None = None) -> list[float] | None:
-    """Temporal adaptive thresholding ranges for the configured sampler, or None when clipping is off.
-
-    ``sampler.clip_index``: ``step`` (the papers, r_j = r0 + κ·j, BS-LDM's off-by-one optional) or
-    ``time`` (:func:`models.samplers.clip_ranges_by_time`: the range the 50-step run has at the same
-    timestep, so a few-step run is not clipped tighter than the many-step one). ``timesteps``: the
-    run's grid (:func:`sampler_grid`); only when it is not given is it computed here.
-    """
-    if not sampler_cfg.clip:
-        return None
-    if timesteps is None:
-        timesteps = sample_timesteps(sampler_cfg.name, sampler_cfg.steps, num_train_timesteps, original_steps)
-    if getattr(sampler_cfg, "clip_index", "step") == "time":
-        if sampler_cfg.clip_off_by_one:
-            raise ValueError("sampler.clip_off_by_one applies to step-indexed ranges (clip_index: step) only")
-        return clip_ranges_by_time(r0, sampler_cfg.clip_kappa, timesteps, num_train_timesteps, original_steps)
-    return clip_ranges(r0, sampler_cfg.clip_kappa, len(timesteps), sampler_cfg.clip_off_by_one)
 
 
 @torch.no_grad()

@@ -30,7 +30,7 @@ from models.schedule import NoiseSchedule, randn
 
 __all__ = ["StepOutput", "BlockGenerators", "timesteps_ddpm", "timesteps_ddim", "timesteps_lcm", "clip_ranges",
            "clip_ranges_by_time", "block_clip_ranges", "consistency_scalings", "draw_noise", "ddpm_step", "ddim_step",
-           "lcm_step", "sampler_step", "sample_timesteps", "sample", "SAMPLERS"]
+           "lcm_step", "sampler_step", "sample_timesteps", "sampler_grid", "tat_ranges", "sample", "SAMPLERS"]
 
 SAMPLERS = ("ddpm", "ddim", "lcm")
 
@@ -316,6 +316,32 @@ def sample_timesteps(sampler_name: str, steps: int | None, num_train_timesteps: 
     if sampler_name == "ddim":
         return timesteps_ddim(steps, num_train_timesteps)
     return timesteps_lcm(steps, original_steps, num_train_timesteps)
+
+
+def sampler_grid(sampler_cfg, schedule: NoiseSchedule, original_steps: int = 50) -> list[int]:
+    """The timestep grid of the configured sampler (``sampler_cfg.name``, ``steps``), descending; the
+    one computation of it in a run, handed to :func:`tat_ranges` and :func:`sample`."""
+    return sample_timesteps(sampler_cfg.name, sampler_cfg.steps, schedule.num_train_timesteps, original_steps)
+
+
+def tat_ranges(sampler_cfg, r0: float, num_train_timesteps: int = 1000, original_steps: int = 50,
+               timesteps: Sequence[int] | None = None) -> list[float] | None:
+    """Temporal adaptive thresholding ranges for the configured sampler, or None when clipping is off.
+
+    ``sampler.clip_index``: ``step`` (the papers, r_j = r0 + κ·j, BS-LDM's off-by-one optional) or
+    ``time`` (:func:`clip_ranges_by_time`: the range the 50-step run has at the same
+    timestep, so a few-step run is not clipped tighter than the many-step one). ``timesteps``: the
+    run's grid (:func:`sampler_grid`); only when it is not given is it computed here.
+    """
+    if not sampler_cfg.clip:
+        return None
+    if timesteps is None:
+        timesteps = sample_timesteps(sampler_cfg.name, sampler_cfg.steps, num_train_timesteps, original_steps)
+    if getattr(sampler_cfg, "clip_index", "step") == "time":
+        if sampler_cfg.clip_off_by_one:
+            raise ValueError("sampler.clip_off_by_one applies to step-indexed ranges (clip_index: step) only")
+        return clip_ranges_by_time(r0, sampler_cfg.clip_kappa, timesteps, num_train_timesteps, original_steps)
+    return clip_ranges(r0, sampler_cfg.clip_kappa, len(timesteps), sampler_cfg.clip_off_by_one)
 
 
 def _check_sampler(sampler_name: str) -> None:

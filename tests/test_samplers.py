@@ -292,7 +292,7 @@ def test_tat_ranges_dispatch_and_dual_path_clip():
     from types import SimpleNamespace
 
     from models.global_local import dual_path_sample
-    from models.inference import tat_ranges
+    from models.samplers import tat_ranges
 
     cfg = SimpleNamespace(name="lcm", steps=4, eta=0.0, clip=True, clip_r0_global=0.5, clip_r0_local=0.7,
                           clip_kappa=0.025, clip_off_by_one=False, clip_index="time")
