@@ -15,9 +15,23 @@ from data.io import ImageError, read_image
 MASK_THRESHOLD = 0.5  # on [0, 1] pixels
 
 
-def binarize_mask(pixels: np.ndarray) -> np.ndarray:
-    """[0, 1] mask image (H, W) -> bool (H, W)."""
-    return np.asarray(pixels) > MASK_THRESHOLD
+def binarize_mask(mask: np.ndarray, threshold: float | None = None) -> np.ndarray:
+    """(H, W) lung mask -> bool (H, W): the project's one binarisation, for segmentation, training
+    data, scoring and fusion (§7.19).
+
+    Bool masks are returned as they are. Integer masks are read on the 8-bit scale (value / 255),
+    float masks as given (the [0, 1] pixels of :func:`data.io.read_image`). By default a pixel is lung
+    when its value is above half scale (``MASK_THRESHOLD``: > 127 in 8 bits). A number keeps the pixels
+    whose value is >= ``threshold``: ``1.0`` reproduces the reference's fusion, which keeps only exact
+    255 (``M[M < 255] = 0``). Give a {0, 1} integer mask as bool: it would otherwise read as 0 and 1/255.
+    """
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be (H, W), got shape {mask.shape}")
+    if mask.dtype == bool:
+        return mask
+    values = mask / 255.0 if np.issubdtype(mask.dtype, np.integer) else mask.astype(np.float64)
+    return values > MASK_THRESHOLD if threshold is None else values >= threshold
 
 
 def load_mask(path: Path, mask_dir: Path | None, pixels: np.ndarray, auto: bool, max_pixels: int) -> np.ndarray:

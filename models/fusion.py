@@ -39,10 +39,10 @@ from __future__ import annotations
 import numpy as np
 from skimage.measure import label, regionprops
 
-from data.masking import binarize_mask as binarize_pixels
+from data.masking import binarize_mask
 
 __all__ = ["FUSION_MODES", "POISSON_DOMAINS", "remove_small_components", "scaled_min_component_px",
-           "mean_match", "erode", "solve_poisson_dirichlet", "poisson_blend", "binarize_mask", "fuse"]
+           "mean_match", "erode", "solve_poisson_dirichlet", "poisson_blend", "fuse"]
 
 FUSION_MODES = ("poisson", "alpha", "none")
 POISSON_DOMAINS = ("mask", "bbox")
@@ -51,25 +51,6 @@ POISSON_DOMAINS = ("mask", "bbox")
 # --------------------------------------------------------------------------------------------------
 # Masks
 # --------------------------------------------------------------------------------------------------
-
-def binarize_mask(mask: np.ndarray, threshold: float | None = None) -> np.ndarray:
-    """(H, W) lung mask -> bool.
-
-    Bool masks are returned as they are. Integer masks are read on the 8-bit scale (value / 255),
-    float masks as given (in [0, 1]). By default a pixel is lung by the project's one binarisation,
-    :func:`data.masking.binarize_mask` (above half scale, ``MASK_THRESHOLD``: > 127 in 8 bits), the
-    same for segmentation, training data and fusion (§7.19). A number keeps the pixels whose value is
-    >= ``threshold``: ``1.0`` reproduces the reference's fusion, which keeps only exact 255
-    (``M[M < 255] = 0``). Give a {0, 1} integer mask as bool: it would otherwise read as 0 and 1/255.
-    """
-    mask = np.asarray(mask)
-    if mask.ndim != 2:
-        raise ValueError(f"mask must be (H, W), got shape {mask.shape}")
-    if mask.dtype == bool:
-        return mask
-    values = mask / 255.0 if np.issubdtype(mask.dtype, np.integer) else mask.astype(np.float64)
-    return binarize_pixels(values) if threshold is None else values >= threshold
-
 
 def remove_small_components(mask: np.ndarray, min_px: int) -> np.ndarray:
     """Drop the 8-connected components of ``mask`` with fewer than ``min_px`` pixels (§5.3 step 5).
@@ -380,13 +361,13 @@ def fuse(global_img: np.ndarray, local_img: np.ndarray, mask: np.ndarray, cxr: n
 
     Args:
         global_img, local_img: (H, W) float decodes, nominally [0, 1] (0.5·D(z) + 0.5).
-        mask: (H, W) lung mask (bool, 0-255 integers or [0, 1] floats; see :func:`binarize_mask`).
+        mask: (H, W) lung mask (bool, 0-255 integers or [0, 1] floats; see :func:`data.masking.binarize_mask`).
         cxr: optional (H, W) input CXR in [0, 1] (floats; integer arrays: 0 is black) for the
             background step; None skips it.
         mode: one of :data:`FUSION_MODES`.
         min_component_px: minimum lung-component area at 1024² (reference: 100).
         poisson_domain: ``"mask"`` or ``"bbox"`` (see :func:`poisson_blend`).
-        mask_threshold: see :func:`binarize_mask` (None = the project's one binarisation, > half
+        mask_threshold: see :func:`data.masking.binarize_mask` (None = the project's one binarisation, > half
             scale; 1.0 = the reference's "== 255").
         background_eps: CXR values <= this are background (8-bit 0 maps to exactly 0.0).
 

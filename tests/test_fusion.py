@@ -8,8 +8,9 @@ import time
 import numpy as np
 import pytest
 
-from models.fusion import (binarize_mask, erode, fuse, mean_match, poisson_blend, remove_small_components,
-                           scaled_min_component_px, solve_poisson_dirichlet)
+from data.masking import binarize_mask
+from models.fusion import (erode, fuse, mean_match, poisson_blend, remove_small_components, scaled_min_component_px,
+                           solve_poisson_dirichlet)
 
 
 def lungs(h: int, w: int) -> np.ndarray:
@@ -260,12 +261,11 @@ def test_binarize_mask():
         binarize_mask(np.zeros((2, 2, 3)))
 
 
-def test_default_binarisation_is_the_one_of_data_masking():
-    """fuse() reads a mask as the data pipeline does (> half scale); the reference's == 255 stays an option."""
-    from data.masking import binarize_mask as binarize_pixels
-
+def test_an_8_bit_mask_binarises_as_its_pixels_do():
+    """fuse() takes 8-bit masks, the data pipeline [0, 1] pixels: both are lung above half scale; the
+    reference's == 255 stays an option."""
     u8 = np.arange(256, dtype=np.uint8)[None]
-    assert (binarize_mask(u8) == binarize_pixels(u8 / 255.0)).all()
+    assert (binarize_mask(u8) == binarize_mask((u8 / 255.0).astype(np.float32))).all()
     assert (binarize_mask(u8) == (u8 >= 128)).all() and (binarize_mask(u8, 1.0) == (u8 == 255)).all()
 
 
