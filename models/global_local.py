@@ -276,7 +276,7 @@ def _checked_leg_settings(cond_global: torch.Tensor, cond_local: torch.Tensor, g
         raise ValueError(f"cond_global {tuple(cond_global.shape)} and cond_local {tuple(cond_local.shape)} "
                          "must be equal (B, C, h, w) shapes")
     if leg_std_channels is None:
-        leg_std_channels = int(getattr(gl_cfg, "leg_std_channels", LATENT_CHANNELS))
+        leg_std_channels = int(gl_cfg.leg_std_channels)
     if leg_std_channels < 1:
         raise ValueError(f"leg_std_channels must be >= 1, got {leg_std_channels}")
     return leg_std_channels

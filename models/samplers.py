@@ -337,7 +337,7 @@ def tat_ranges(sampler_cfg, r0: float, num_train_timesteps: int = 1000, original
         return None
     if timesteps is None:
         timesteps = sample_timesteps(sampler_cfg.name, sampler_cfg.steps, num_train_timesteps, original_steps)
-    if getattr(sampler_cfg, "clip_index", "step") == "time":
+    if sampler_cfg.clip_index == "time":
         if sampler_cfg.clip_off_by_one:
             raise ValueError("sampler.clip_off_by_one applies to step-indexed ranges (clip_index: step) only")
         return clip_ranges_by_time(r0, sampler_cfg.clip_kappa, timesteps, num_train_timesteps, original_steps)

@@ -3,8 +3,6 @@ each half of the 2B run is the single-path run with that half's generator(s) and
 formed inside the denoiser, block generators and per-element clip ranges, and one grid per run."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 import torch.nn as nn
@@ -14,6 +12,7 @@ from models.global_local import dual_path_denoiser, dual_path_sample, local_enha
 from models.inference import make_denoiser, suppress_latents
 from models.samplers import BlockGenerators, block_clip_ranges, clip_ranges, draw_noise, sample, sample_timesteps
 from models.schedule import NoiseSchedule, randn
+from utils.config import GlobalLocalConfig, SamplerConfig
 
 B, H, W = 2, 3, 5          # 4·3·5 = 60 values per element: not a multiple of 16 (see the block test)
 
@@ -46,10 +45,10 @@ class LinearNet(nn.Module):
         return self.conv(x) * (1 + t.float()[:, None, None, None] / 1000)
 
 
-def config(name: str, steps: int, **kw) -> SimpleNamespace:
+def config(name: str, steps: int, **kw) -> SamplerConfig:
     base = dict(name=name, steps=steps, eta=1.0, clip=True, clip_r0_global=0.8, clip_r0_local=1.3,
                 clip_kappa=0.2, clip_off_by_one=False, clip_index="step")
-    return SimpleNamespace(**{**base, **kw})
+    return SamplerConfig(**{**base, **kw})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -64,7 +63,7 @@ def test_halves_are_single_path_runs(sched, name, steps, per_element):
     net, (cg, cl), scfg = LinearNet(), conds(), config(name, steps)
     pick = (lambda s: [gen(10 * s), gen(10 * s + 1)]) if per_element else gen
     n = len(sample_timesteps(name, steps))
-    z_g, z_l = dual_path_sample(net, sched, cg, cl, scfg, SimpleNamespace(leg_mode="none", alpha=3.0), "clean",
+    z_g, z_l = dual_path_sample(net, sched, cg, cl, scfg, GlobalLocalConfig(leg_mode="none", alpha=3.0), "clean",
                                 pick(5), pick(6), batched=False)
     g_global = pick(5)
     x_T = randn((B, 4, H, W), g_global)           # drawn first, from the global generator(s)
@@ -79,7 +78,7 @@ def test_leg_noise_is_part_of_the_local_denoiser(sched, name, steps):
     """The local half is the single-path run whose denoiser applies LEG: ξ is drawn from the local
     generator inside the denoiser, before that step's noise, from the same generator."""
     net, (cg, cl), scfg = LinearNet(), conds(), config(name, steps)
-    gl = SimpleNamespace(leg_mode="noise", alpha=3.0)
+    gl = GlobalLocalConfig(leg_mode="noise", alpha=3.0)
     x_T = randn((B, 4, H, W), gen(5))              # the shared x_T, from the global generator
     _, z_l = dual_path_sample(net, sched, cg, cl, scfg, gl, "clean", gen(5), gen(6), batched=False)
     g_local = gen(6)
@@ -159,7 +158,7 @@ def grid_builds(monkeypatch) -> list[str]:
 def test_grid_is_computed_once_per_run(sched, grid_builds, name, clip_index):
     cg, cl = conds()
     scfg = config(name, 3, clip_index=clip_index)
-    dual_path_sample(LinearNet(), sched, cg, cl, scfg, SimpleNamespace(leg_mode="noise", alpha=3.0), "clean",
+    dual_path_sample(LinearNet(), sched, cg, cl, scfg, GlobalLocalConfig(leg_mode="noise", alpha=3.0), "clean",
                      gen(0), gen(1))
     assert len(grid_builds) == 1
     grid_builds.clear()

@@ -103,17 +103,16 @@ class _IdentityVQ(torch.nn.Module):
 
 @pytest.mark.parametrize("reference", ["decoded", "input"])
 def test_first_stage_ceiling_is_the_output_path_of_the_true_latent(reference):
-    from types import SimpleNamespace
-
     from models.pipeline import first_stage_ceiling
+    from utils.config import Config, DataConfig, OutputConfig
 
     rng = np.random.default_rng(1)
     soft = rng.uniform(0.1, 0.6, (32, 32)).astype(np.float32)         # fine detail of its own
     rr, cc = np.mgrid[:32, :32]
     bone = 0.3 * np.exp(-((rr - 16.0) ** 2 + (cc - 12.0) ** 2) / 60.0)   # a smooth 'bone'
     cxr = (soft + bone).astype(np.float32)
-    cfg = SimpleNamespace(data=SimpleNamespace(image_size=32, invert=False),
-                          output=SimpleNamespace(mode="native_residual", residual_reference=reference))
+    cfg = Config(data=DataConfig(image_size=32, invert=False),
+                 output=OutputConfig(mode="native_residual", residual_reference=reference))
     # at the native size a lossless first stage gives the target back exactly
     np.testing.assert_allclose(first_stage_ceiling(_IdentityVQ(), cfg, cxr, soft), soft, atol=1e-6)
     # at half the size the bone layer is measured at 16² and upsampled onto the native CXR: the

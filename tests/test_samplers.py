@@ -289,13 +289,12 @@ def test_clip_ranges_by_time():
 
 
 def test_tat_ranges_dispatch_and_dual_path_clip():
-    from types import SimpleNamespace
-
     from models.global_local import dual_path_sample
     from models.samplers import tat_ranges
+    from utils.config import GlobalLocalConfig, SamplerConfig
 
-    cfg = SimpleNamespace(name="lcm", steps=4, eta=0.0, clip=True, clip_r0_global=0.5, clip_r0_local=0.7,
-                          clip_kappa=0.025, clip_off_by_one=False, clip_index="time")
+    cfg = SamplerConfig(name="lcm", steps=4, eta=0.0, clip=True, clip_r0_global=0.5, clip_r0_local=0.7,
+                        clip_kappa=0.025, clip_off_by_one=False, clip_index="time")
     assert tat_ranges(cfg, 0.5) == pytest.approx([0.5, 0.8, 1.125, 1.425])
     cfg.clip_index = "step"
     assert tat_ranges(cfg, 0.5) == pytest.approx([0.5, 0.525, 0.55, 0.575])
@@ -308,7 +307,7 @@ def test_tat_ranges_dispatch_and_dual_path_clip():
     cfg.clip_off_by_one = False
     net = lambda x, t: 30 * torch.randn(x.shape[0], 4, *x.shape[2:], generator=torch.Generator().manual_seed(0))  # noqa: E731
     seen = []
-    gl = SimpleNamespace(leg_mode="none", alpha=3.0, leg_std_channels=4)
+    gl = GlobalLocalConfig(leg_mode="none", alpha=3.0, leg_std_channels=4)
     c = torch.zeros(2, 4, 4, 4)
     dual_path_sample(net, NoiseSchedule(1000, "scaled_linear"), c, c, cfg, gl, "clean",
                      torch.Generator().manual_seed(1), torch.Generator().manual_seed(2),
