@@ -1,4 +1,5 @@
-"""Shared fixtures: the real sample pairs, the real DICOM, and tiny synthetic folders."""
+"""Shared fixtures and helpers: the real sample pairs, the real DICOM, tiny synthetic folders, and the
+small pieces of the diffusion tests (seeded generators, the noise schedule, a linear ε-model, a tiny UNet)."""
 from __future__ import annotations
 
 import os
@@ -6,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parents[1]
 SZCH_SAMPLES = ROOT.parent / "shared" / "data" / "szch-samples"
@@ -18,8 +21,6 @@ os.environ.setdefault("TORCH_HOME", str(ROOT / ".pytest_cache" / "torch_home"))
 def one_thread():
     """The test tensors are tiny: on 2 cores, intra-op threads only add contention (up to 10x slower
     for small convolutions). Subprocess tests set OMP_NUM_THREADS themselves."""
-    import torch
-
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -87,3 +88,59 @@ def fill_disk_after(monkeypatch, n: int) -> list:
 
     monkeypatch.setattr(data.io, "atomic_write", filling_disk)
     return calls
+
+
+# ---- the diffusion tests: generators, schedule, ε-models ----------------------------------------------
+
+def gen(seed: int = 0) -> torch.Generator:
+    """A CPU generator seeded with ``seed``."""
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def sched():
+    """The papers' noise schedule: 1000 steps, scaled linear."""
+    from models.schedule import NoiseSchedule
+
+    return NoiseSchedule(1000, "scaled_linear")
+
+
+def conds(shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A global and a local condition latent of ``shape``, drawn from one generator seeded 100."""
+    g = gen(100)
+    return torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+
+
+class LinearNet(nn.Module):
+    """A cheap, exactly per-sample "ε-model": a fixed 1x1 conv of [x ; c] (8 channels), scaled with t.
+
+    Its extra output channels (``out_channels`` > 4) have 10x the scale of the first four, so the std
+    over 8 channels differs clearly from the std over 4. ``calls``: the batch size of every call.
+    """
+
+    def __init__(self, out_channels: int = 4) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, out_channels, 1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=gen(7)) * 0.3)
+            self.conv.bias.zero_()
+        self.calls: list[int] = []
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.calls.append(x.shape[0])
+        out = self.conv(x) * (1 + t.float()[:, None, None, None] / 1000)
+        scale = torch.ones(out.shape[1])
+        scale[4:] = 10.0
+        return out * scale[None, :, None, None]
+
+
+def tiny_unet(**overrides):
+    """A tiny :class:`models.unet.UNetModel` (32-64 channels, attention after the first downsampling) on
+    the 8-channel [x_t ; condition] input; ``overrides`` replace its arguments (default: 8 output
+    channels, as the reference's)."""
+    from models.unet import UNetModel
+
+    kwargs = dict(in_channels=8, out_channels=8, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                  attention_resolutions=(2,), num_heads=2)
+    kwargs.update(overrides)
+    return UNetModel(**kwargs)

@@ -5,44 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
 
 import models.samplers as samplers
 from models.global_local import dual_path_denoiser, dual_path_sample, local_enhanced_guidance
 from models.inference import make_denoiser, suppress_latents
 from models.samplers import BlockGenerators, block_clip_ranges, clip_ranges, draw_noise, sample, sample_timesteps
-from models.schedule import NoiseSchedule, randn
+from models.schedule import randn
+from tests.conftest import LinearNet, conds, gen
 from utils.config import GlobalLocalConfig, SamplerConfig
 
 B, H, W = 2, 3, 5          # 4·3·5 = 60 values per element: not a multiple of 16 (see the block test)
-
-
-@pytest.fixture(scope="module")
-def sched() -> NoiseSchedule:
-    return NoiseSchedule(1000, "scaled_linear")
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def conds() -> tuple[torch.Tensor, torch.Tensor]:
-    g = gen(100)
-    return torch.randn(B, 4, H, W, generator=g), torch.randn(B, 4, H, W, generator=g)
-
-
-class LinearNet(nn.Module):
-    """A per-sample "ε-model": a fixed 1x1 conv of [x ; c], scaled with t."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(8, 4, 1)
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=gen(7)) * 0.3)
-            self.conv.bias.zero_()
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.conv(x) * (1 + t.float()[:, None, None, None] / 1000)
 
 
 def config(name: str, steps: int, **kw) -> SamplerConfig:
@@ -60,7 +32,7 @@ def config(name: str, steps: int, **kw) -> SamplerConfig:
 def test_halves_are_single_path_runs(sched, name, steps, per_element):
     """Without guidance each half equals models.samplers.sample with that half's condition,
     generator(s) and clip ranges, from the shared x_T, bit for bit."""
-    net, (cg, cl), scfg = LinearNet(), conds(), config(name, steps)
+    net, (cg, cl), scfg = LinearNet(), conds((B, 4, H, W)), config(name, steps)
     pick = (lambda s: [gen(10 * s), gen(10 * s + 1)]) if per_element else gen
     n = len(sample_timesteps(name, steps))
     z_g, z_l = dual_path_sample(net, sched, cg, cl, scfg, GlobalLocalConfig(leg_mode="none", alpha=3.0), "clean",
@@ -77,7 +49,7 @@ def test_halves_are_single_path_runs(sched, name, steps, per_element):
 def test_leg_noise_is_part_of_the_local_denoiser(sched, name, steps):
     """The local half is the single-path run whose denoiser applies LEG: ξ is drawn from the local
     generator inside the denoiser, before that step's noise, from the same generator."""
-    net, (cg, cl), scfg = LinearNet(), conds(), config(name, steps)
+    net, (cg, cl), scfg = LinearNet(), conds((B, 4, H, W)), config(name, steps)
     gl = GlobalLocalConfig(leg_mode="noise", alpha=3.0)
     x_T = randn((B, 4, H, W), gen(5))              # the shared x_T, from the global generator
     _, z_l = dual_path_sample(net, sched, cg, cl, scfg, gl, "clean", gen(5), gen(6), batched=False)
@@ -92,7 +64,7 @@ def test_leg_noise_is_part_of_the_local_denoiser(sched, name, steps):
 @pytest.mark.parametrize("mode", ["none", "global_pred", "global_cond"])
 def test_denoiser_halves(sched, mode):
     """dual_path_denoiser([x_g ; x_l], t) = [ε_g ; LEG(ε_l)] with the single-path denoisers' ε."""
-    net, (cg, cl) = LinearNet(), conds()
+    net, (cg, cl) = LinearNet(), conds((B, 4, H, W))
     x = torch.randn(2 * B, 4, H, W, generator=gen(1))
     t = torch.full((2 * B,), 499, dtype=torch.long)
     eps = dual_path_denoiser(net, sched, cg, cl, "clean", mode, 3.0)(x, t)
@@ -156,7 +128,7 @@ def grid_builds(monkeypatch) -> list[str]:
 
 @pytest.mark.parametrize("name, clip_index", [("lcm", "step"), ("lcm", "time"), ("ddim", "step"), ("ddpm", "step")])
 def test_grid_is_computed_once_per_run(sched, grid_builds, name, clip_index):
-    cg, cl = conds()
+    cg, cl = conds((B, 4, H, W))
     scfg = config(name, 3, clip_index=clip_index)
     dual_path_sample(LinearNet(), sched, cg, cl, scfg, GlobalLocalConfig(leg_mode="noise", alpha=3.0), "clean",
                      gen(0), gen(1))

@@ -25,20 +25,11 @@ from models.distill import (ddim_grid, consistency_distillation_loss, consistenc
                             distance)
 from models.samplers import consistency_scalings, ddim_step, sample, timesteps_lcm
 from models.schedule import NoiseSchedule, model_input_train, offset_noise
-from models.unet import UNetModel
+from tests.conftest import gen, tiny_unet
 from utils.config import DiffusionConfig, DistillConfig
 from utils.ema import EMA
 
 SHAPE = (4, 2, 2)          # one toy "latent": 16 independent Gaussian dimensions
-
-
-@pytest.fixture(scope="module")
-def sched() -> NoiseSchedule:
-    return NoiseSchedule(1000, "scaled_linear")
-
-
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -366,15 +357,10 @@ def test_lcd_student_converges_to_teacher_ode_solution(sched):
 # Two steps with the tiny UNet
 # --------------------------------------------------------------------------------------------------
 
-def tiny_unet() -> UNetModel:
-    return UNetModel(in_channels=8, out_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
-                     attention_resolutions=(4,), attention_as_factor=False, image_size=8, num_heads=2)
-
-
 @pytest.mark.parametrize("cond_mode,loss_type,guidance", [("clean", "huber", 0.0), ("bug_compatible", "l2", 1.5)])
 def test_two_step_unet_distillation(sched, cond_mode, loss_type, guidance):
     torch.manual_seed(0)
-    teacher = tiny_unet()
+    teacher = tiny_unet(out_channels=4)
     with torch.no_grad():                 # undo the zero init so that the teacher's ε̂ is not identically 0
         for p in teacher.parameters():
             if not p.any():

@@ -5,53 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
 
 from models.global_local import dual_path_sample, local_enhanced_guidance, sequential_dual_path_sample
 from models.inference import make_denoiser
 from models.samplers import clip_ranges, ddim_step, ddpm_step, lcm_step, sample, sample_timesteps
-from models.schedule import NoiseSchedule, model_input_sample, randn
+from models.schedule import model_input_sample, randn
 from models.unet import UNetModel
+from tests.conftest import LinearNet, conds, gen, tiny_unet
 from utils.config import GlobalLocalConfig, SamplerConfig
 
 B, SHAPE = 2, (2, 4, 8, 8)
-
-
-@pytest.fixture(scope="module")
-def sched() -> NoiseSchedule:
-    return NoiseSchedule(1000, "scaled_linear")
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def conds(b: int = B) -> tuple[torch.Tensor, torch.Tensor]:
-    g = gen(100)
-    return torch.randn(b, 4, 8, 8, generator=g), torch.randn(b, 4, 8, 8, generator=g)
-
-
-class LinearNet(nn.Module):
-    """A cheap, exactly per-sample "ε-model": a fixed 1x1 conv of [x ; c], scaled with t.
-
-    Its extra output channels (``out_channels`` > 4) have 10x the scale of the first four, so the std
-    over 8 channels differs clearly from the std over 4.
-    """
-
-    def __init__(self, out_channels: int = 4) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(8, out_channels, 1)
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=gen(7)) * 0.3)
-            self.conv.bias.zero_()
-        self.calls: list[int] = []
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        self.calls.append(x.shape[0])
-        out = self.conv(x) * (1 + t.float()[:, None, None, None] / 1000)
-        scale = torch.ones(out.shape[1])
-        scale[4:] = 10.0
-        return out * scale[None, :, None, None]
 
 
 def reference_loop(net, sched, cg, cl, scfg, gcfg, gg, gl, leg_std_channels=4):
@@ -171,7 +134,7 @@ def test_leg_bad_mode():
 def test_dual_path_matches_reference_loop(sched, name, eta, mode):
     """Formulas, branch inputs, per-path clip ranges and the order of random draws."""
     net = LinearNet()
-    cg, cl = conds()
+    cg, cl = conds(SHAPE)
     scfg = SamplerConfig(name=name, steps=3, eta=eta, clip_r0_global=1.0, clip_r0_local=1.5, clip_kappa=0.3)
     gcfg = GlobalLocalConfig(leg_mode=mode, alpha=3.0)
     expected = reference_loop(net, sched, cg, cl, scfg, gcfg, gen(5), gen(6))
@@ -185,7 +148,7 @@ def test_dual_path_matches_reference_loop(sched, name, eta, mode):
                                                    ("global_cond", 3.0, 3), ("global_cond", 1.0, 2)])
 def test_one_network_call_per_step(sched, mode, alpha, branches):
     """Batched: one call of batch branches·B per step; sequential: one call of B per branch."""
-    cg, cl = conds()
+    cg, cl = conds(SHAPE)
     scfg = SamplerConfig(name="lcm", steps=4)
     gcfg = GlobalLocalConfig(leg_mode=mode, alpha=alpha)
     net = LinearNet()
@@ -197,7 +160,7 @@ def test_one_network_call_per_step(sched, mode, alpha, branches):
 
 
 def test_global_cond_third_branch_is_local_latent_under_global_condition(sched):
-    cg, cl = conds()
+    cg, cl = conds(SHAPE)
     seen = []
 
     class Spy(LinearNet):
@@ -214,7 +177,7 @@ def test_global_cond_third_branch_is_local_latent_under_global_condition(sched):
 
 
 def test_both_paths_start_from_the_same_noise(sched):
-    cg, cl = conds()
+    cg, cl = conds(SHAPE)
     net = LinearNet()
     first = []
     net.register_forward_hook(lambda m, args, out: first.append(args[0].clone()) if not first else None)
@@ -232,11 +195,11 @@ def test_both_paths_start_from_the_same_noise(sched):
 
 @pytest.mark.parametrize("name, steps", [("lcm", 5), ("ddim", 4), ("ddpm", 4)])
 def test_each_path_clipped_to_its_own_range(sched, name, steps):
-    class Huge(nn.Module):   # ε̂ = 1e4 -> x̂0 far below -r_j on both paths
+    class Huge(torch.nn.Module):   # ε̂ = 1e4 -> x̂0 far below -r_j on both paths
         def forward(self, x, t):
             return torch.full((x.shape[0], 4, *x.shape[2:]), 1e4)
 
-    cg, cl = conds()
+    cg, cl = conds(SHAPE)
     scfg = SamplerConfig(name=name, steps=steps, clip_r0_global=2.0, clip_r0_local=3.5, clip_kappa=0.025)
     seen = []
     dual_path_sample(Huge(), sched, cg, cl, scfg, GlobalLocalConfig(leg_mode="global_pred", alpha=1.0), "clean",
@@ -251,11 +214,11 @@ def test_each_path_clipped_to_its_own_range(sched, name, steps):
 
 
 def test_clip_off_gives_unclipped_x0(sched):
-    class Huge(nn.Module):
+    class Huge(torch.nn.Module):
         def forward(self, x, t):
             return torch.full((x.shape[0], 4, *x.shape[2:]), 1e4)
 
-    cg, cl = conds()
+    cg, cl = conds(SHAPE)
     seen = []
     dual_path_sample(Huge(), sched, cg, cl, SamplerConfig(name="lcm", steps=2, clip=False),
                      GlobalLocalConfig(leg_mode="none"), "clean", gen(0), gen(1),
@@ -268,7 +231,7 @@ def test_global_path_is_the_single_path_sampler(sched, mode):
     """The global path ignores everything local: it equals models.samplers.sample with the global
     generator (x_T drawn first), whatever the local condition, generator or LEG mode."""
     net = LinearNet()
-    cg, cl = conds()
+    cg, cl = conds(SHAPE)
     scfg = SamplerConfig(name="lcm", steps=4, clip_r0_global=1.0, clip_kappa=0.2)
     g = gen(5)
     x_T = randn(SHAPE, g)
@@ -285,7 +248,7 @@ def test_global_path_is_the_single_path_sampler(sched, mode):
 def test_leg_std_over_eight_output_channels(sched):
     """leg_std_channels=8 takes σ over all 8 outputs of an 8-output network (the reference's std)."""
     net = LinearNet(out_channels=8)
-    cg, cl = conds()
+    cg, cl = conds(SHAPE)
     scfg = SamplerConfig(name="lcm", steps=3)
     gcfg = GlobalLocalConfig(leg_mode="noise")
     for k in (4, 8):
@@ -298,7 +261,7 @@ def test_leg_std_over_eight_output_channels(sched):
 
 def test_per_sample_generators_make_dual_paths_batch_independent(sched):
     net = LinearNet()
-    cg, cl = conds()
+    cg, cl = conds(SHAPE)
     scfg = SamplerConfig(name="lcm", steps=3)
     gcfg = GlobalLocalConfig(leg_mode="noise")
     both = dual_path_sample(net, sched, cg, cl, scfg, gcfg, "clean", [gen(1), gen(2)], [gen(3), gen(4)])
@@ -309,7 +272,7 @@ def test_per_sample_generators_make_dual_paths_batch_independent(sched):
 
 def test_dual_path_argument_checks(sched):
     net = LinearNet()
-    cg, cl = conds()
+    cg, cl = conds(SHAPE)
     scfg = SamplerConfig(name="lcm", steps=2)
     with pytest.raises(ValueError, match="cond_global"):
         dual_path_sample(net, sched, cg, cl[:1], scfg, GlobalLocalConfig(), "clean")
@@ -324,10 +287,9 @@ def test_dual_path_argument_checks(sched):
 # --------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tiny_unet() -> UNetModel:
+def unet() -> UNetModel:
     torch.manual_seed(0)
-    unet = UNetModel(in_channels=8, out_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
-                     attention_resolutions=(4,), attention_as_factor=False, image_size=8, num_heads=2).eval()
+    unet = tiny_unet(out_channels=4).eval()
     # The output conv is zero-initialised (ε̂ ≡ 0 would make the test vacuous).
     with torch.no_grad():
         unet.out[-1].weight.normal_(0.0, 0.02, generator=gen(3))
@@ -335,7 +297,7 @@ def tiny_unet() -> UNetModel:
 
 
 @pytest.mark.parametrize("name, mode", [("lcm", "global_cond"), ("ddim", "noise"), ("ddpm", "global_pred")])
-def test_batched_equals_sequential_tiny_unet(sched, tiny_unet, name, mode):
+def test_batched_equals_sequential_tiny_unet(sched, unet, name, mode):
     """One 2B/3B call per step gives the same latents as separate B calls, up to float32 rounding.
 
     Every UNet layer is per-sample (GroupNorm, convolutions, attention), so the only difference is
@@ -347,11 +309,11 @@ def test_batched_equals_sequential_tiny_unet(sched, tiny_unet, name, mode):
     B = 1 is used because it exercises the differing kernels; clipping is off so that no difference
     can hide behind a saturated x̂0.
     """
-    cg, cl = conds(1)
+    cg, cl = conds((1, 4, 8, 8))
     scfg = SamplerConfig(name=name, steps=3, eta=1.0, clip=False)
     gcfg = GlobalLocalConfig(leg_mode=mode)
-    a = dual_path_sample(tiny_unet, sched, cg, cl, scfg, gcfg, "clean", gen(5), gen(6))
-    b = sequential_dual_path_sample(tiny_unet, sched, cg, cl, scfg, gcfg, "clean", gen(5), gen(6))
+    a = dual_path_sample(unet, sched, cg, cl, scfg, gcfg, "clean", gen(5), gen(6))
+    b = sequential_dual_path_sample(unet, sched, cg, cl, scfg, gcfg, "clean", gen(5), gen(6))
     for x, y in zip(a, b):
         scale = y.abs().max().item()
         assert scale > 0.1

@@ -9,16 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import evaluation as M
 import metrics
 from data.io import read_image
-
-
-def _png(path: Path, arr: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.asarray(arr, dtype=np.uint8), mode="L").save(path)
+from tests.conftest import write_gray
 
 
 @pytest.fixture
@@ -254,11 +249,11 @@ def _synthetic_folders(root: Path) -> dict[str, Path]:
     dirs = {k: root / k for k in ("CXR", "BS", "pred")}
     for name in "abcd":
         gt = rng.integers(0, 200, (32, 32))
-        _png(dirs["BS"] / f"{name}.png", gt)
-        _png(dirs["CXR"] / f"{name}.png", gt + 40)
-    _png(dirs["pred"] / "a.png", rng.integers(0, 255, (32, 32)))
+        write_gray(dirs["BS"] / f"{name}.png", gt)
+        write_gray(dirs["CXR"] / f"{name}.png", gt + 40)
+    write_gray(dirs["pred"] / "a.png", rng.integers(0, 255, (32, 32)))
     # b: no prediction; c: wrong size; d: not an image
-    _png(dirs["pred"] / "c.png", rng.integers(0, 255, (16, 16)))
+    write_gray(dirs["pred"] / "c.png", rng.integers(0, 255, (16, 16)))
     (dirs["pred"] / "d.png").write_bytes(b"\x89PNG garbage")
     return dirs
 
@@ -334,10 +329,10 @@ def test_evaluate_batches_lpips_across_native_sizes(tmp_path, random_lpips):
     sizes = {"a": 64, "b": 64, "c": 64, "d": 48, "e": 64}
     for name, s in sizes.items():
         gt = rng.integers(0, 200, (s, s))
-        _png(tmp_path / "BS" / f"{name}.png", gt)
-        _png(tmp_path / "CXR" / f"{name}.png", gt + 30)
-        _png(tmp_path / "pred" / f"{name}.png", rng.integers(0, 255, (s, s)))
-        _png(tmp_path / "mask" / f"{name}.png", np.where(np.arange(s)[:, None] < s // 2, 255, 0) * np.ones((1, s)))
+        write_gray(tmp_path / "BS" / f"{name}.png", gt)
+        write_gray(tmp_path / "CXR" / f"{name}.png", gt + 30)
+        write_gray(tmp_path / "pred" / f"{name}.png", rng.integers(0, 255, (s, s)))
+        write_gray(tmp_path / "mask" / f"{name}.png", np.where(np.arange(s)[:, None] < s // 2, 255, 0) * np.ones((1, s)))
     rows = M.evaluate(list(sizes), tmp_path / "CXR", tmp_path / "BS", tmp_path / "pred", "corrected",
                       tmp_path / "mask", native=True, scorer=random_lpips)
     assert [r["status"] for r in rows] == ["ok"] * 5
@@ -397,7 +392,7 @@ def test_cli_list_with_bom_duplicate_or_outside_name(tmp_path, no_lpips_weights,
     (tmp_path / "bom.txt").write_bytes("\ufeffa\n".encode())
     assert metrics.main([*args, "--list", str(tmp_path / "bom.txt")]) == 0
     outside = tmp_path / "secret.png"
-    _png(outside, np.zeros((32, 32)))
+    write_gray(outside, np.zeros((32, 32)))
     for text, needle in (("a\nb\na\n", "line 3: 'a' is listed twice (first on line 1)"),
                          (f"a\n{outside}\n", f"line 2: '{outside}' leaves the data folder"),
                          ("a\n../secret.png\n", "line 2: '../secret.png' leaves the data folder")):

@@ -11,18 +11,9 @@ import torch
 from models.samplers import (clip_ranges, consistency_scalings, ddim_step, ddpm_step, lcm_step, sample,
                              sample_timesteps, timesteps_ddim, timesteps_ddpm, timesteps_lcm)
 from models.schedule import NoiseSchedule, model_input_sample
-from models.unet import UNetModel
+from tests.conftest import gen, tiny_unet
 
 SHAPE = (2, 4, 8, 8)
-
-
-@pytest.fixture(scope="module")
-def sched() -> NoiseSchedule:
-    return NoiseSchedule(1000, "scaled_linear")
-
-
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def oracle(schedule: NoiseSchedule, x0: torch.Tensor):
@@ -249,28 +240,26 @@ def test_sample_argument_checks(sched):
 def test_tiny_unet_end_to_end(sched):
     """UNet + condition mode + LCM sampler, 2 steps, as an evaluation script would wire them."""
     torch.manual_seed(0)
-    model = UNetModel(8, 4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
-                      attention_resolutions=(2,), num_heads=2).eval()
+    model = tiny_unet(out_channels=4).eval()
     cond = torch.randn(SHAPE, generator=gen(3))
     fn = lambda x, t: model(model_input_sample(x, cond, t, sched, "scaled_consistent"), t)  # noqa: E731
     out = sample(fn, sched, SHAPE, "lcm", 2, clip_ranges(2.0, 0.025, 2), gen(0))
     assert out.shape == SHAPE and torch.isfinite(out).all()
 
 
-def test_per_sample_generators_make_samples_batch_independent():
+def test_per_sample_generators_make_samples_batch_independent(sched):
     """With one generator per element, an element's sample is the same alone or in a batch."""
-    schedule = NoiseSchedule(1000, "scaled_linear")
 
     def denoise(x, t):
         return 0.5 * x
 
-    gens = lambda: [torch.Generator().manual_seed(s) for s in (11, 12, 13)]  # noqa: E731
+    gens = lambda: [gen(s) for s in (11, 12, 13)]  # noqa: E731
     for name, steps in (("lcm", 4), ("ddim", 5), ("ddpm", 6)):
-        batch = sample(denoise, schedule, (3, 4, 8, 8), name, steps, generator=gens(), eta=1.0)
-        alone = sample(denoise, schedule, (1, 4, 8, 8), name, steps, generator=gens()[1:2], eta=1.0)
+        batch = sample(denoise, sched, (3, 4, 8, 8), name, steps, generator=gens(), eta=1.0)
+        alone = sample(denoise, sched, (1, 4, 8, 8), name, steps, generator=gens()[1:2], eta=1.0)
         torch.testing.assert_close(batch[1:2], alone, rtol=0, atol=0)
     with pytest.raises(ValueError, match="2 generators for a batch of 3"):
-        sample(denoise, schedule, (3, 4, 8, 8), "lcm", 2, generator=gens()[:2])
+        sample(denoise, sched, (3, 4, 8, 8), "lcm", 2, generator=gens()[:2])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -288,7 +277,7 @@ def test_clip_ranges_by_time():
     assert clip_ranges(2.0, 0.025, 4)[-1] == pytest.approx(2.075)
 
 
-def test_tat_ranges_dispatch_and_dual_path_clip():
+def test_tat_ranges_dispatch_and_dual_path_clip(sched):
     from models.global_local import dual_path_sample
     from models.samplers import tat_ranges
     from utils.config import GlobalLocalConfig, SamplerConfig
@@ -305,12 +294,11 @@ def test_tat_ranges_dispatch_and_dual_path_clip():
         tat_ranges(cfg, 0.5)
     # The dual path clips each path's x̂0 with its own time-indexed ranges.
     cfg.clip_off_by_one = False
-    net = lambda x, t: 30 * torch.randn(x.shape[0], 4, *x.shape[2:], generator=torch.Generator().manual_seed(0))  # noqa: E731
+    net = lambda x, t: 30 * torch.randn(x.shape[0], 4, *x.shape[2:], generator=gen(0))  # noqa: E731
     seen = []
     gl = GlobalLocalConfig(leg_mode="none", alpha=3.0, leg_std_channels=4)
     c = torch.zeros(2, 4, 4, 4)
-    dual_path_sample(net, NoiseSchedule(1000, "scaled_linear"), c, c, cfg, gl, "clean",
-                     torch.Generator().manual_seed(1), torch.Generator().manual_seed(2),
+    dual_path_sample(net, sched, c, c, cfg, gl, "clean", gen(1), gen(2),
                      callback=lambda j, t, g, l: seen.append((g.pred_x0.abs().max().item(), l.pred_x0.abs().max().item())))
     assert [g for g, _ in seen] == pytest.approx([0.5, 0.8, 1.125, 1.425])
     assert [l for _, l in seen] == pytest.approx([0.7, 1.0, 1.325, 1.625])

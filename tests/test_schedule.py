@@ -9,7 +9,7 @@ import torch
 
 from models.schedule import (EpsFromV, NoiseSchedule, build_schedule, eps_model, model_input_sample,
                              model_input_train, offset_noise, training_loss)
-from models.unet import UNetModel
+from tests.conftest import gen, tiny_unet
 from utils.config import DiffusionConfig
 
 TABLE_T = [999, 949, 899, 799, 699, 499, 299, 99, 19]
@@ -23,10 +23,6 @@ SQRT_ALPHA_BAR = {
 @pytest.fixture(scope="module")
 def schedules() -> dict[str, NoiseSchedule]:
     return {name: NoiseSchedule(1000, name) for name in ("scaled_linear", "cosine", "linear")}
-
-
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -189,8 +185,7 @@ def test_invalid_cond_mode_raises(schedules):
 @pytest.mark.parametrize("batch", [1, 2, 3])
 @pytest.mark.parametrize("out_channels", [4, 8])
 def test_training_loss_with_tiny_unet(batch, out_channels, schedules):
-    model = UNetModel(8, out_channels, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
-                      attention_resolutions=(2,), num_heads=2)
+    model = tiny_unet(out_channels=out_channels)
     z, c = torch.randn(batch, 4, 8, 8, generator=gen()), torch.randn(batch, 4, 8, 8, generator=gen(1))
     cfg = DiffusionConfig(cond_mode="bug_compatible")
     loss, logs = training_loss(model, schedules["scaled_linear"], z, c, cfg, gen(2))
@@ -274,8 +269,7 @@ def test_v_training_loss_with_oracle(mode, schedules):
 
 
 def test_eps_model_dispatch(schedules):
-    net = UNetModel(8, 4, model_channels=32, channel_mult=(1,), num_res_blocks=1, attention_resolutions=(),
-                    num_heads=1)
+    net = tiny_unet(out_channels=4, channel_mult=(1,), attention_resolutions=(), num_heads=1)
     s = schedules["scaled_linear"]
     assert eps_model(net, s, "epsilon") is net
     wrapped = eps_model(net, s, "v")

@@ -14,24 +14,18 @@ import torch
 
 from models.nn import timestep_embedding
 from models.unet import AttentionBlock, ResBlock, UNetModel, build_unet
+from tests.conftest import gen, tiny_unet
 from utils.config import UNetConfig
 
 PAPER_PARAMS = 382_978_184
 
 
-def tiny_unet(**overrides) -> UNetModel:
-    kwargs = dict(in_channels=8, out_channels=8, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
-                  attention_resolutions=(2,), num_heads=2)
-    kwargs.update(overrides)
-    return UNetModel(**kwargs)
-
-
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Give every parameter (zero-initialised ones included) small random values."""
-    gen = torch.Generator().manual_seed(seed)
+    g = gen(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+            p.copy_(0.1 * torch.randn(p.shape, generator=g))
     return model
 
 

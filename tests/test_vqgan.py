@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from models import build_discriminator, build_vqgan, count_parameters
 from models.discriminator import PatchDiscriminator
 from models.vqgan import VQGAN, VectorQuantizerEMA, codebook_counts, codebook_usage, usage_from_counts
+from tests.conftest import gen
 from utils.config import DiscriminatorConfig, VQGANConfig
 
 K_TINY = 32
@@ -25,11 +26,6 @@ def tiny_vqgan(**overrides) -> VQGAN:
                   embedding_dim=4, num_embeddings=K_TINY)
     kwargs.update(overrides)
     return VQGAN(**kwargs)
-
-
-@pytest.fixture
-def gen() -> torch.Generator:
-    return torch.Generator().manual_seed(0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -88,9 +84,9 @@ def test_discriminator_invalid_arguments():
 # Tiny model: shapes, validation
 # --------------------------------------------------------------------------------------------------
 
-def test_tiny_shapes_and_indices(gen):
+def test_tiny_shapes_and_indices():
     model = tiny_vqgan()
-    x = torch.rand(2, 1, 64, 64, generator=gen) * 2 - 1
+    x = torch.rand(2, 1, 64, 64, generator=gen()) * 2 - 1
     z_e = model.encode(x)
     assert z_e.shape == (2, 4, 8, 8) and model.latent_shape(64, 64) == (4, 8, 8)
     x_rec, commit, info = model(x)
@@ -102,10 +98,10 @@ def test_tiny_shapes_and_indices(gen):
     assert 1.0 <= info["perplexity"].item() <= K_TINY
 
 
-def test_any_number_of_levels(gen):
+def test_any_number_of_levels():
     model = tiny_vqgan(channels=(8,), num_res_channels=[4])
     assert model.downsample_factor == 2
-    x_rec, _, info = model(torch.randn(1, 1, 16, 16, generator=gen))
+    x_rec, _, info = model(torch.randn(1, 1, 16, 16, generator=gen()))
     assert x_rec.shape == (1, 1, 16, 16) and info["indices"].shape == (1, 8, 8)
 
 
@@ -135,9 +131,9 @@ def test_builder_rejects_invalid_config():
 # Quantiser
 # --------------------------------------------------------------------------------------------------
 
-def test_quantizer_picks_nearest_code_and_commitment_loss(gen):
+def test_quantizer_picks_nearest_code_and_commitment_loss():
     q = VectorQuantizerEMA(num_embeddings=16, embedding_dim=3, commitment_cost=0.25).eval()
-    z_e = torch.randn(2, 3, 4, 5, generator=gen)
+    z_e = torch.randn(2, 3, 4, 5, generator=gen())
     z_q, commit, idx = q(z_e)
     flat = z_e.permute(0, 2, 3, 1).reshape(-1, 3)
     expected_idx = torch.cdist(flat, q.codebook).argmin(1).view(2, 4, 5)
@@ -147,19 +143,20 @@ def test_quantizer_picks_nearest_code_and_commitment_loss(gen):
     torch.testing.assert_close(commit, 0.25 * ((e - z_e) ** 2).mean())
 
 
-def test_straight_through_gradient(gen):
+def test_straight_through_gradient():
     q = VectorQuantizerEMA(num_embeddings=8, embedding_dim=2, commitment_cost=0.0).eval()
-    z_e = torch.randn(1, 2, 3, 3, generator=gen, requires_grad=True)
-    g = torch.randn(1, 2, 3, 3, generator=gen)
+    rng = gen()
+    z_e = torch.randn(1, 2, 3, 3, generator=rng, requires_grad=True)
+    g = torch.randn(1, 2, 3, 3, generator=rng)
     z_q, _, _ = q(z_e)
     (z_q * g).sum().backward()
     torch.testing.assert_close(z_e.grad, g)           # d z_q / d z_e = identity
     assert q.codebook.grad is None
 
 
-def test_gradients_reach_encoder_not_codebook(gen):
+def test_gradients_reach_encoder_not_codebook():
     model = tiny_vqgan()
-    x_rec, commit, _ = model(torch.rand(2, 1, 32, 32, generator=gen) * 2 - 1)
+    x_rec, commit, _ = model(torch.rand(2, 1, 32, 32, generator=gen()) * 2 - 1)
     (x_rec.pow(2).mean() + commit).backward()
     first_conv = model.encoder.blocks[0]
     assert first_conv.weight.grad is not None and first_conv.weight.grad.abs().sum() > 0
@@ -178,10 +175,11 @@ def _ema_expected(q: VectorQuantizerEMA, z_e: torch.Tensor):
     return n, m, m / n_smooth[:, None]
 
 
-def test_ema_update_in_train_mode_matches_formula(gen):
+def test_ema_update_in_train_mode_matches_formula():
     q = VectorQuantizerEMA(num_embeddings=6, embedding_dim=2, decay=0.5).train()
+    rng = gen()
     for _ in range(2):                                   # second step starts from a non-trivial state
-        z_e = torch.randn(2, 2, 3, 3, generator=gen)
+        z_e = torch.randn(2, 2, 3, 3, generator=rng)
         n, m, e = _ema_expected(q, z_e)
         before = q.codebook.detach().clone()
         z_q, _, idx = q(z_e)
@@ -193,9 +191,9 @@ def test_ema_update_in_train_mode_matches_formula(gen):
         assert not torch.equal(q.codebook.detach(), before)
 
 
-def test_no_ema_update_in_eval_mode_or_without_grad(gen):
+def test_no_ema_update_in_eval_mode_or_without_grad():
     model = tiny_vqgan()
-    x = torch.rand(1, 1, 32, 32, generator=gen) * 2 - 1
+    x = torch.rand(1, 1, 32, 32, generator=gen()) * 2 - 1
     state = {k: v.clone() for k, v in model.quantizer.state_dict().items()}
 
     def unchanged() -> bool:
@@ -213,9 +211,9 @@ def test_no_ema_update_in_eval_mode_or_without_grad(gen):
     assert not unchanged()
 
 
-def test_ema_statistics_are_all_reduced_under_ddp(monkeypatch, gen):
+def test_ema_statistics_are_all_reduced_under_ddp(monkeypatch):
     """Two ranks that see the same batch must update like one process seeing it twice."""
-    z = torch.randn(2, 2, 3, 3, generator=gen)
+    z = torch.randn(2, 2, 3, 3, generator=gen())
     torch.manual_seed(1)
     q_ddp = VectorQuantizerEMA(num_embeddings=5, embedding_dim=2).train()
     torch.manual_seed(1)
@@ -236,14 +234,14 @@ def test_ema_statistics_are_all_reduced_under_ddp(monkeypatch, gen):
     torch.testing.assert_close(q_ddp.state_dict(), q_ref.state_dict())
 
 
-def test_codebook_in_state_dict_and_not_optimised(gen):
+def test_codebook_in_state_dict_and_not_optimised():
     model = tiny_vqgan()
     sd = model.state_dict()
     assert {"quantizer.codebook", "quantizer.ema_cluster_size", "quantizer.ema_embed_sum"} <= sd.keys()
     opt = torch.optim.Adam(model.parameters(), lr=1.0)
     model.eval()                                       # no EMA step: only the optimiser could move it
     before = model.quantizer.codebook.detach().clone()
-    x_rec, commit, _ = model(torch.rand(1, 1, 32, 32, generator=gen))
+    x_rec, commit, _ = model(torch.rand(1, 1, 32, 32, generator=gen()))
     (x_rec.mean() + commit).backward()
     opt.step()
     assert torch.equal(model.quantizer.codebook.detach(), before)
