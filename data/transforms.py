@@ -53,8 +53,3 @@ def resize(x: torch.Tensor, size: int | tuple[int, int], mode: str = "bilinear")
     else:
         raise ValueError(f"unknown resize mode {mode!r}")
     return y if batched else y[0]
-
-
-def restore_size(x: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
-    """Bring a model-size prediction back to its source file's (H, W)."""
-    return resize(x, tuple(original_size), mode="bilinear")

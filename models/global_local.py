@@ -49,8 +49,7 @@ from models.samplers import (BlockGenerators, DenoiseFn, Generators, StepOutput,
                              sampler_grid, tat_ranges)
 from models.schedule import NoiseSchedule, model_input_sample, randn
 
-__all__ = ["LEG_MODES", "local_enhanced_guidance", "dual_path_denoiser", "dual_path_sample",
-           "sequential_dual_path_sample"]
+__all__ = ["LEG_MODES", "local_enhanced_guidance", "dual_path_denoiser", "dual_path_sample"]
 
 LEG_MODES = ("none", "noise", "global_pred", "global_cond")
 
@@ -289,8 +288,3 @@ def _per_path(callback: DualCallback, b: int) -> Callable[[int, int, StepOutput]
         callback(j, t, StepOutput(g, g0), StepOutput(l, l0))
 
     return split
-
-
-def sequential_dual_path_sample(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`dual_path_sample` with one network call per branch (``batched=False``); same arguments."""
-    return dual_path_sample(*args, batched=False, **kwargs)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from utils.config import VQGANConfig
 
 __all__ = ["ResUnit", "Encoder", "Decoder", "VectorQuantizerEMA", "VQGAN", "build_vqgan",
-           "codebook_counts", "usage_from_counts", "codebook_usage"]
+           "codebook_counts", "usage_from_counts"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -279,11 +279,6 @@ def usage_from_counts(counts: torch.Tensor) -> dict[str, float | int]:
     used = int((counts > 0).sum())
     return {"perplexity": float(_perplexity(counts)), "used": used, "unused": k - used,
             "usage": used / k, "total": int(counts.sum())}
-
-
-def codebook_usage(indices: torch.Tensor, num_embeddings: int) -> dict[str, float | int]:
-    """Codebook statistics of a tensor of indices; see :func:`usage_from_counts`."""
-    return usage_from_counts(codebook_counts(indices, num_embeddings))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.global_local import dual_path_sample, local_enhanced_guidance, sequential_dual_path_sample
+from models.global_local import dual_path_sample, local_enhanced_guidance
 from models.inference import make_denoiser
 from models.samplers import clip_ranges, ddim_step, ddpm_step, lcm_step, sample, sample_timesteps
 from models.schedule import model_input_sample, randn
@@ -155,7 +155,7 @@ def test_one_network_call_per_step(sched, mode, alpha, branches):
     dual_path_sample(net, sched, cg, cl, scfg, gcfg, "clean", gen(0), gen(1))
     assert net.calls == [branches * B] * 4
     net.calls.clear()
-    sequential_dual_path_sample(net, sched, cg, cl, scfg, gcfg, "clean", gen(0), gen(1))
+    dual_path_sample(net, sched, cg, cl, scfg, gcfg, "clean", gen(0), gen(1), batched=False)
     assert net.calls == [B] * (4 * branches)
 
 
@@ -237,11 +237,11 @@ def test_global_path_is_the_single_path_sampler(sched, mode):
     x_T = randn(SHAPE, g)
     expected = sample(make_denoiser(net, sched, cg, "clean"), sched, SHAPE, "lcm", 4,
                       clip_ranges(1.0, 0.2, 4), g, x_T=x_T)
-    z_g, z_l = sequential_dual_path_sample(net, sched, cg, cl, scfg, GlobalLocalConfig(leg_mode=mode),
-                                           "clean", gen(5), gen(6))
+    z_g, z_l = dual_path_sample(net, sched, cg, cl, scfg, GlobalLocalConfig(leg_mode=mode), "clean", gen(5), gen(6),
+                                batched=False)
     assert torch.equal(z_g, expected)
-    z_g2, z_l2 = sequential_dual_path_sample(net, sched, cg, cl * 2, scfg, GlobalLocalConfig(leg_mode=mode),
-                                             "clean", gen(5), gen(7))
+    z_g2, z_l2 = dual_path_sample(net, sched, cg, cl * 2, scfg, GlobalLocalConfig(leg_mode=mode), "clean", gen(5),
+                                  gen(7), batched=False)
     assert torch.equal(z_g2, expected) and not torch.allclose(z_l, z_l2)
 
 
@@ -313,7 +313,7 @@ def test_batched_equals_sequential_tiny_unet(sched, unet, name, mode):
     scfg = SamplerConfig(name=name, steps=3, eta=1.0, clip=False)
     gcfg = GlobalLocalConfig(leg_mode=mode)
     a = dual_path_sample(unet, sched, cg, cl, scfg, gcfg, "clean", gen(5), gen(6))
-    b = sequential_dual_path_sample(unet, sched, cg, cl, scfg, gcfg, "clean", gen(5), gen(6))
+    b = dual_path_sample(unet, sched, cg, cl, scfg, gcfg, "clean", gen(5), gen(6), batched=False)
     for x, y in zip(a, b):
         scale = y.abs().max().item()
         assert scale > 0.1

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from data.io import ImageError, XrayImage, read_image, to_uint, write_dicom, write_png
-from data.transforms import from_model, resize, restore_size, to_model
+from data.transforms import from_model, resize, to_model
 from tests.conftest import write_gray
 
 
@@ -221,7 +221,7 @@ def test_resize_and_restore():
     x = to_model(np.random.default_rng(0).random((60, 50)))
     y = resize(x, 32)
     assert y.shape == (1, 32, 32)
-    assert restore_size(y, (60, 50)).shape == (1, 60, 50)
+    assert resize(y, (60, 50)).shape == (1, 60, 50)
     assert resize(x, (60, 50)) is x
     # constant images stay constant; bilinear upsampling matches OpenCV's half-pixel convention
     np.testing.assert_allclose(resize(torch.full((1, 7, 9), 0.3), 16).numpy(), 0.3, atol=1e-6)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from models import build_discriminator, build_vqgan, count_parameters
 from models.discriminator import PatchDiscriminator
-from models.vqgan import VQGAN, VectorQuantizerEMA, codebook_counts, codebook_usage, usage_from_counts
+from models.vqgan import VQGAN, VectorQuantizerEMA, codebook_counts, usage_from_counts
 from tests.conftest import gen
 from utils.config import DiscriminatorConfig, VQGANConfig
 
@@ -251,22 +251,27 @@ def test_codebook_in_state_dict_and_not_optimised():
 # Codebook statistics
 # --------------------------------------------------------------------------------------------------
 
+def usage_of(indices: torch.Tensor, num_embeddings: int) -> dict[str, float | int]:
+    """Codebook statistics of one tensor of indices (the stages accumulate the counts over batches)."""
+    return usage_from_counts(codebook_counts(indices, num_embeddings))
+
+
 def test_codebook_usage_hand_case():
     idx = torch.tensor([[0, 0], [1, 3]])
-    stats = codebook_usage(idx, 5)
+    stats = usage_of(idx, 5)
     # p = (1/2, 1/4, 0, 1/4, 0): entropy = 1.5 ln 2, perplexity = 2 ** 1.5
     assert stats["used"] == 3 and stats["unused"] == 2 and stats["total"] == 4
     assert stats["usage"] == pytest.approx(0.6)
     assert stats["perplexity"] == pytest.approx(2 ** 1.5)
-    assert codebook_usage(torch.zeros(7, dtype=torch.long), 4)["perplexity"] == pytest.approx(1.0)
-    assert codebook_usage(torch.arange(8), 8)["perplexity"] == pytest.approx(8.0)
+    assert usage_of(torch.zeros(7, dtype=torch.long), 4)["perplexity"] == pytest.approx(1.0)
+    assert usage_of(torch.arange(8), 8)["perplexity"] == pytest.approx(8.0)
 
 
 def test_codebook_counts_accumulate_over_batches():
     a, b = torch.tensor([0, 1, 1]), torch.tensor([[2, 1], [4, 4]])
     total = codebook_counts(a, 6) + codebook_counts(b, 6)
     assert total.tolist() == [1, 3, 1, 0, 2, 0]
-    assert usage_from_counts(total) == codebook_usage(torch.cat([a, b.flatten()]), 6)
+    assert usage_from_counts(total) == usage_of(torch.cat([a, b.flatten()]), 6)
     assert usage_from_counts(total)["perplexity"] == pytest.approx(
         math.exp(-sum(c / 7 * math.log(c / 7) for c in (1, 3, 1, 2))))
     with pytest.raises(ValueError):

@@ -20,10 +20,6 @@ def hub_checkpoint_path(filename: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / filename
 
 
-def hub_file_available(filename: str) -> bool:
-    return hub_checkpoint_path(filename).is_file()
-
-
 def missing_weights_message(filename: str, what: str) -> str:
     path = hub_checkpoint_path(filename)
     return (f"{what} needs the ImageNet weights file {filename}, which is not in the torch hub cache "
