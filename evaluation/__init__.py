@@ -6,6 +6,7 @@
     scoring       ``score_folder`` -> ``FolderReport`` (rows, summary, ``write``)
     summary       mean / population std per metric, the markdown table, the CSV text
     tone_curve    the tone-curve baseline every model must beat
+    goals         the bone-removal goals, measured against the tone curve (``bone_removal_failures``)
 
 ``metrics.py`` is the command line over this package.
 """

@@ -14,9 +14,9 @@ from models.schedule import build_schedule, eps_model
 from models.unet import build_unet
 from models.vqgan import VQGAN, build_vqgan
 from utils.checkpoint import CheckpointError, load_checkpoint, load_state
-from utils.config import Config, config_from_dict
+from utils.config import Config, config_from_dict, load_config
 
-__all__ = ["load_vqgan", "load_ldm", "fixed_by_checkpoint"]
+__all__ = ["load_vqgan", "load_ldm", "fixed_by_checkpoint", "checkpoint_config"]
 
 # What a trained model fixes: its size and intensity convention, architectures, schedule and training.
 # An evaluation (ldm_eval.py, the DICOM node) may not override these.
@@ -69,3 +69,11 @@ def load_ldm(path: str | Path, device: torch.device | str = "cpu", weights: str 
     if as_eps:
         unet = eps_model(unet, build_schedule(cfg.diffusion), cfg.diffusion.prediction)
     return unet.to(device).eval().requires_grad_(False), cfg
+
+
+def checkpoint_config(ckpt: str | Path, kind: str, config_files: list | None = None, overrides: list[str] = ()) -> Config:
+    """``config_files`` with ``overrides``, or else the config stored in the checkpoint with them."""
+    if config_files:
+        return load_config(config_files, overrides)
+    # Only the config is needed: the weights stay on disk (memory-mapped).
+    return config_from_dict(load_checkpoint(ckpt, kind=kind, lazy=True)["config"], f"{ckpt} (config)", overrides)

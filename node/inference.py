@@ -1,7 +1,7 @@
 """The model of a node: loaded once, then called on batches of received films.
 
 It makes what ``ldm_eval.py`` makes for the same file, through the same library calls: the
-checkpoint's config (``utils.scripts.checkpoint_config``) with the overrides, the model's own size and
+checkpoint's config (``models.checkpoints.checkpoint_config``) with the overrides, the model's own size and
 intensity convention, ``models.load_ldm`` / ``load_vqgan``, ``models.precision.prepare_for_inference``,
 ``models.pipeline.BoneSuppressor`` (each image's noise seeded by ``sampler.seed`` and its file name:
 the node's films are named ``<key>.dcm``), ``data.io.read_image`` and ``data.io.write_dicom`` with
@@ -28,8 +28,7 @@ def node_config(ckpt: str | Path, overrides: list[str] = (), config_files: list 
         ConfigError: a bad override, or one of a key the checkpoint fixed.
         CheckpointError: not a stage-2 checkpoint of this project.
     """
-    from models.checkpoints import fixed_by_checkpoint
-    from utils.scripts import checkpoint_config
+    from models.checkpoints import checkpoint_config, fixed_by_checkpoint
 
     for item in overrides:
         key = item.split("=", 1)[0].strip()

@@ -1,4 +1,4 @@
-"""Helpers for the script tests: import hyphenated scripts, build a tiny dataset and config."""
+"""Helpers for the stage tests: a tiny dataset, the smoke config, an untrained stage-2 checkpoint."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,15 +7,14 @@ import numpy as np
 
 from tests.conftest import ROOT, write_gray
 from utils.config import load_config
-from utils.scripts import load_script
 
-__all__ = ["load_script", "tiny_dataset", "smoke_config", "untrained_ldm"]
+__all__ = ["tiny_dataset", "smoke_config", "untrained_ldm"]
 
 
 def tiny_dataset(root: Path, n: int = 12, size: int = 40, seed: int = 0) -> Path:
     """n smooth random pairs (BS = 0.8 CXR) with two-rectangle "lung" masks, plus the split lists
-    (and masked copies), via dataSegmentation.main."""
-    import dataSegmentation
+    (and masked copies), via the data stage (what dataSegmentation.py runs)."""
+    from stages.dataset import prepare_dataset
 
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size] / size
@@ -29,7 +28,7 @@ def tiny_dataset(root: Path, n: int = 12, size: int = 40, seed: int = 0) -> Path
         mask[size // 5: 4 * size // 5, size // 8: 3 * size // 8] = 255
         mask[size // 5: 4 * size // 5, 5 * size // 8: 7 * size // 8] = 255
         write_gray(root / "Mask" / name, mask)
-    dataSegmentation.main(smoke_config(root, root.parent / "runs"), progress=False)
+    prepare_dataset(smoke_config(root, root.parent / "runs"), progress=False)
     return root
 
 

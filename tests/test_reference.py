@@ -17,12 +17,12 @@ from models.reference import convert_unet, convert_vqgan, reference_vqgan_key
 from tests.conftest import ROOT
 from tests.reference_fakes import (Payload, fake_class, reference_unet, reference_vqvae, reference_vqvae_reconstruct,
                                    save_whole_model)
-from tests.scripts import load_script, tiny_dataset
+from stages import convert
+from tests.scripts import tiny_dataset
 from utils.checkpoint import CheckpointError, load_checkpoint, resolve_first_stage, save_checkpoint
 from utils.config import config_to_dict
 from utils.foreign_pickle import ForeignPickleError, read_module_tree
 
-convert = load_script("convert_reference.py")
 
 # The smoke architecture (with the reference's 8 output channels and 2 residual units per level).
 SMALL = ["data.image_size=32", "vqgan.channels=[8, 16]", "vqgan.num_res_channels=8", "vqgan.num_res_layers=2",
@@ -158,7 +158,7 @@ def test_converted_checkpoint_runs_ldm_eval_from_anywhere(tmp_path):
     unet_pth, vq_pth, _, _ = reference_pair(tmp_path)
     out = tmp_path / "gl-lcm"
     cfg = convert.published_config("gl-lcm", "szch", SMALL + [f"data.root={data}", "data.name=demo"])
-    convert.main(cfg, "gl-lcm", "szch", unet_pth, vq_pth, out)
+    convert.convert_published(cfg, "gl-lcm", "szch", unet_pth, vq_pth, out)
     c = load_checkpoint(out / "ldm.pt")["config"]
     assert c["global_local"]["poisson_domain"] == "bbox" and c["global_local"]["leg_std_channels"] == 8
     assert c["output"]["mode"] == "resize" and c["unet"]["use_new_attention_order"] is True
@@ -528,7 +528,7 @@ def test_export_of_a_header_without_sections_is_one_error_line(tmp_path):
     cfg["sampler"]["clip_kappa"] = -1.0
     bad = _release_file(tmp_path / "bad.safetensors", kind="vqgan", config=json.dumps(cfg))
     with pytest.raises(CheckpointError, match="bad.safetensors \\(config\\): key 'sampler.clip_kappa' must be >= 0"):
-        convert.export(bad, tmp_path / "out2")
+        convert.export_run(bad, tmp_path / "out2")
 
 
 @pytest.mark.parametrize("fails", ["vqgan.safetensors", "MODEL_CARD.md"])
@@ -556,7 +556,7 @@ def test_export_onto_a_full_disk_names_the_file_and_leaves_no_half_release(tmp_p
     monkeypatch.setattr(release, "atomic_write", full_disk)
     out = tmp_path / "out"
     with pytest.raises(OSError) as err:
-        convert.export(src, out)
+        convert.export_run(src, out)
     assert str(err.value).startswith(f"{out / fails}: not written (") and "\n" not in str(err.value), str(err.value)
     assert "No space left on device" in str(err.value)
     assert not out.exists() or not any(out.iterdir()), list(out.iterdir())
@@ -589,6 +589,6 @@ def test_conversion_onto_a_full_disk_names_the_file_and_leaves_nothing(tmp_path,
     monkeypatch.setattr(release, "atomic_write", full_write)
     out = tmp_path / "out"
     with pytest.raises(OSError) as err:
-        convert.main(cfg, "gl-lcm", "szch", unet_pth, vq_pth, out)
+        convert.convert_published(cfg, "gl-lcm", "szch", unet_pth, vq_pth, out)
     assert str(err.value).startswith(f"{out / fails}: not written (") and "\n" not in str(err.value), str(err.value)
     assert not out.exists() or not any(out.iterdir()), list(out.iterdir())

@@ -13,11 +13,12 @@ import torch
 
 from data.io import read_image
 from tests.conftest import ROOT, fill_disk_after, write_gray
-from tests.scripts import load_script, smoke_config, tiny_dataset, untrained_ldm
+import stages.train_vqgan
+from stages import reconstruct
+from stages.train_vqgan import train_vqgan
+from tests.scripts import smoke_config, tiny_dataset, untrained_ldm
 from utils.checkpoint import CheckpointError, load_checkpoint
 
-train = load_script("vq-gan_train.py")
-evaluate = load_script("vq-gan_eval.py")
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def model_state(run_dir):
 
 
 def test_train_writes_run_folder(dataset, tmp_path):
-    run = train.main(smoke_config(dataset, tmp_path), progress=False)
+    run = train_vqgan(smoke_config(dataset, tmp_path), progress=False)
     assert run.parent == tmp_path / "vqgan"
     for f in ("config.yaml", "log.txt", "metrics.csv", "curves.png", "samples/val_0002.png",
               "checkpoints/best.pt", "checkpoints/latest.json"):
@@ -50,9 +51,9 @@ def test_train_writes_run_folder(dataset, tmp_path):
 
 
 def test_resume_is_exact(dataset, tmp_path):
-    straight = train.main(smoke_config(dataset, tmp_path / "a"), progress=False)
-    first = train.main(smoke_config(dataset, tmp_path / "b", "vq_train.epochs=1"), progress=False)
-    resumed = train.main(smoke_config(dataset, tmp_path / "b", "vq_train.epochs=2"), resume=first, progress=False)
+    straight = train_vqgan(smoke_config(dataset, tmp_path / "a"), progress=False)
+    first = train_vqgan(smoke_config(dataset, tmp_path / "b", "vq_train.epochs=1"), progress=False)
+    resumed = train_vqgan(smoke_config(dataset, tmp_path / "b", "vq_train.epochs=2"), resume=first, progress=False)
     assert resumed == first
     a, b = model_state(straight), model_state(resumed)
     assert a["step"] == b["step"] == 10
@@ -64,20 +65,20 @@ def test_resume_is_exact(dataset, tmp_path):
 
 
 def test_resume_refuses_other_architecture(dataset, tmp_path):
-    run = train.main(smoke_config(dataset, tmp_path, "vq_train.epochs=1"), progress=False)
+    run = train_vqgan(smoke_config(dataset, tmp_path, "vq_train.epochs=1"), progress=False)
     with pytest.raises(CheckpointError, match=r"vqgan.num_embeddings: checkpoint 16 vs config 32"):
-        train.main(smoke_config(dataset, tmp_path, "vqgan.num_embeddings=32"), resume=run, progress=False)
+        train_vqgan(smoke_config(dataset, tmp_path, "vqgan.num_embeddings=32"), resume=run, progress=False)
 
 
 def test_missing_perceptual_weights_stop_before_any_work(dataset, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_hub"))
     with pytest.raises(FileNotFoundError, match=r"vgg16-397923af\.pth.*empty_hub"):
-        train.main(smoke_config(dataset, tmp_path / "runs", "vq_loss.perceptual_weight=0.001"), progress=False)
+        train_vqgan(smoke_config(dataset, tmp_path / "runs", "vq_loss.perceptual_weight=0.001"), progress=False)
     assert not (tmp_path / "runs").exists()
 
 
 def test_nonfinite_loss_stops_and_keeps_checkpoint(dataset, tmp_path, monkeypatch):
-    real = train.build_hybrid_loss
+    real = stages.train_vqgan.build_hybrid_loss
 
     def poisoned(*a, **k):
         loss = real(*a, **k)
@@ -90,23 +91,23 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(dataset, tmp_path, monkeypatc
         loss.generator_loss = generator_loss
         return loss
 
-    monkeypatch.setattr(train, "build_hybrid_loss", poisoned)
+    monkeypatch.setattr(stages.train_vqgan, "build_hybrid_loss", poisoned)
     with pytest.raises(FloatingPointError, match=r"non-finite generator loss at step 7 .*step_0000005\.pt"):
-        train.main(smoke_config(dataset, tmp_path), progress=False)
+        train_vqgan(smoke_config(dataset, tmp_path), progress=False)
     run = next((tmp_path / "vqgan").iterdir())
     assert load_checkpoint(run / "checkpoints" / "step_0000005.pt")["step"] == 5
     # on_nonfinite=skip: the poisoned batches (steps 7..) are skipped and counted, the run finishes
-    run = train.main(smoke_config(dataset, tmp_path / "skip", "vq_train.on_nonfinite=skip"), progress=False)
+    run = train_vqgan(smoke_config(dataset, tmp_path / "skip", "vq_train.on_nonfinite=skip"), progress=False)
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert float(rows[-1]["skipped"]) == 3        # steps 7, 8, 9 of epoch 2 poisoned (5 batches per epoch)
     assert model_state(run)["step"] == 7
 
 
 def test_eval_reconstructs_native_size(dataset, tmp_path, capsys):
-    run = train.main(smoke_config(dataset, tmp_path, "vq_train.epochs=1"), progress=False)
+    run = train_vqgan(smoke_config(dataset, tmp_path, "vq_train.epochs=1"), progress=False)
     ckpt = run / "checkpoints" / "best.pt"
-    cfg = evaluate.config_for(evaluate.build_parser().parse_args(["--ckpt", str(ckpt)]))
-    summary = evaluate.main(cfg, ckpt, split="test", progress=False)
+    cfg = reconstruct.config_for(reconstruct.build_parser().parse_args(["--ckpt", str(ckpt)]))
+    summary = reconstruct.reconstruct_images(cfg, ckpt, split="test", progress=False)
     out = run / "eval" / "test"
     rows = list(csv.DictReader(open(out / "recon_metrics.csv")))
     assert len(rows) == summary["scored"] == 2 * len((dataset / "demo_testset.txt").read_text().split())
@@ -193,10 +194,10 @@ def test_eval_refuses_the_input_folder_as_output_by_any_path(untrained_vqgan, tm
     assert _tree(folder) == before and not (folder / "recon_metrics.csv").exists()
     for sub in ("CXR", "BS"):
         write_gray(tmp_path / "ds" / sub / "a.png", np.full((16, 16), 80, np.uint8))
-    monkeypatch.setattr(evaluate, "split_list", lambda data_cfg, split: ["a.png"])
+    monkeypatch.setattr(reconstruct, "split_list", lambda data_cfg, split: ["a.png"])
     with pytest.raises(ValueError, match="the output folder is the input folder"):
-        evaluate.main(smoke_config(tmp_path / "ds", tmp_path), untrained_vqgan, split="test", out_dir=tmp_path / "ds",
-                      overwrite=True, progress=False)
+        reconstruct.reconstruct_images(smoke_config(tmp_path / "ds", tmp_path), untrained_vqgan, split="test",
+                                       out_dir=tmp_path / "ds", overwrite=True, progress=False)
 
 
 def test_eval_output_names_agree_with_their_content(untrained_vqgan, tmp_path):
@@ -226,8 +227,8 @@ def test_eval_full_disk_stops_cleanly(untrained_vqgan, tmp_path, monkeypatch):
     for i in range(4):
         write_gray(folder / f"x{i}.png", np.full((16, 16), 40 * i, np.uint8))
     fill_disk_after(monkeypatch, 1)
-    cfg = evaluate.config_for(evaluate.build_parser().parse_args(["--ckpt", str(untrained_vqgan)]))
-    summary = evaluate.main(cfg, untrained_vqgan, input_dir=folder, out_dir=tmp_path / "out", progress=False)
+    cfg = reconstruct.config_for(reconstruct.build_parser().parse_args(["--ckpt", str(untrained_vqgan)]))
+    summary = reconstruct.reconstruct_images(cfg, untrained_vqgan, input_dir=folder, out_dir=tmp_path / "out", progress=False)
     assert summary["stopped"] == f"disk full: {tmp_path / 'out' / 'x1.png'}: cannot write (No space left on device)"
     assert summary["scored"] == 1 and len(summary["failures"]) == 1
     assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["x0.png"]

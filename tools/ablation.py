@@ -28,7 +28,7 @@ lookup table CXR -> soft tissue, fitted on the train split) and the identity (pr
 In corrected mode the columns include the high-pass BSR (σ = width/32, width/64), the score a
 tone change cannot raise.
 
-The inference-time tables use the first checkpoint. Every row is ``ldm_eval.main`` with the row's
+The inference-time tables use the first checkpoint. Every row is ``stages.suppress.suppress_images`` with the row's
 ``--set`` overrides on top of the checkpoint's config and the common ``--set`` items, then
 ``evaluation.score_folder`` (what metrics.py runs) on its outputs, once per ``--metrics`` mode (faithful: the published metrics at
 1024²; corrected: at native resolution unless ``--no-native``). Rows with the same effective
@@ -62,11 +62,11 @@ from data.datasets import BS, CXR, MASK, split_list, split_location
 from data.io import ImageError, read_image
 from data.splits import list_paths, read_list
 from utils.atomic import atomic_write_text, json_text
-from utils.checkpoint import CheckpointError, load_checkpoint
-from utils.config import ConfigError
+from utils.cli import entry_point
+from utils.checkpoint import load_checkpoint
 from utils.logging import pyplot, save_figure
-from utils.scripts import load_script
 from evaluation import LABELS, MODES, fit_from_folders, lpips_scorer, score_folder, write_tone_predictions
+from stages.suppress import eval_config, suppress_images
 
 TABLES = ("offset_tat", "guidance", "fusion", "sampler")
 TITLES = {"offset_tat": "Offset noise and temporal adaptive thresholding (BS-LDM)",
@@ -182,17 +182,16 @@ def _slug(cfg) -> str:
 
 def resolve_runs(rows: list[Row], work: Path, split: str, common: tuple[str, ...], limit: int | None,
                  masks_dir: str | None) -> list[Run]:
-    """Build every row's config through ``ldm_eval.eval_config`` (so config errors come before any
+    """Build every row's config through ``stages.suppress.eval_config`` (so config errors come before any
     work), write the ``--limit`` lists, and attach one :class:`Run` per distinct setting.
 
     Runs go to ``work/<model>/<settings>-<hash>/``, the ``--limit`` lists to ``work/lists/<model>/``.
     """
-    ldm_eval = load_script("ldm_eval.py")
     runs: dict[str, Run] = {}
     lists: dict[str, tuple[tuple[str, ...], Path]] = {}
     for row in rows:
         if row.model not in lists:
-            base = ldm_eval.eval_config(row.ckpt, common)
+            base = eval_config(row.ckpt, common)
             list_dir, prefix = split_location(base.data)
             names = split_list(base.data, split)
             extra: tuple[str, ...] = ()
@@ -207,7 +206,7 @@ def resolve_runs(rows: list[Row], work: Path, split: str, common: tuple[str, ...
             lists[row.model] = (extra, list_file)
         extra, list_file = lists[row.model]
         sets = (*common, *extra, *row.overrides)
-        cfg = ldm_eval.eval_config(row.ckpt, sets)
+        cfg = eval_config(row.ckpt, sets)
         if cfg.global_local.enabled and cfg.global_local.masks != "auto" and masks_dir is None \
                 and not (Path(cfg.data.root) / MASK).is_dir():
             raise FileNotFoundError(f"{Path(cfg.data.root) / MASK}: the {row.table} rows need lung masks; give "
@@ -264,12 +263,11 @@ def score_run(run: Run, pred: Path, mode: str, native: bool, lung: bool, lpips: 
 
 def execute(run: Run, modes, native: bool, lung: bool, batch_size: int, overwrite: bool,
             masks_dir: str | None, progress: bool, lpips: tuple) -> dict:
-    """ldm_eval.main, then :func:`score_run` per mode; returns the run record (also ``<run>/run.json``):
+    """``suppress_images`` (ldm_eval.py), then :func:`score_run` per mode; returns the run record (also ``<run>/run.json``):
     {"sets", "folder", "eval_failures", "seconds_per_image", "eval_seconds", "metrics": {mode: report},
     "status": {mode: 0 all scored / 1 some failed}}. ``lpips``: see :func:`score_run`."""
-    ldm_eval = load_script("ldm_eval.py")
     t0 = time.perf_counter()
-    summary = ldm_eval.main(run.cfg, run.ckpt, split=run.split, out_dir=run.folder / "pred", batch_size=batch_size,
+    summary = suppress_images(run.cfg, run.ckpt, split=run.split, out_dir=run.folder / "pred", batch_size=batch_size,
                             overwrite=overwrite, masks_dir=masks_dir, progress=progress)
     # A resumed run writes nothing and reports 0 s per image; ldm_eval.py then keeps the timing.json of
     # the run that wrote the images, so that file holds the timing either way.
@@ -470,8 +468,7 @@ def main(ckpts: list[str] | dict[str, str], out_dir: str | Path, split: str = "t
     docs, by_table = {}, {}
     for row in rows:
         by_table.setdefault(row.table, []).append(row)
-    ldm_eval = load_script("ldm_eval.py")
-    train_names = split_list(ldm_eval.eval_config(runs[0].ckpt, overrides).data, "train")
+    train_names = split_list(eval_config(runs[0].ckpt, overrides).data, "train")
     baselines = score_baselines(runs[0], train_names, work, modes, native, lung, lpips)
     extras = {}
     for table, trs in by_table.items():
@@ -538,13 +535,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@entry_point()
+def cli(argv: list[str] | None = None) -> int:
+    """The command line: 0 done, 1 some row failed, 2 bad inputs (one line on stderr)."""
+    args = build_parser().parse_args(argv)
+    result = main(args.ckpt, args.out_dir, args.split, args.tables, args.samplers, args.steps, args.modes,
+                  args.native, args.lung, args.limit, tuple(args.overrides), args.batch_size, args.overwrite,
+                  args.masks_dir, args.dry_run, args.progress, args.work_dir)
+    return 1 if result["failures"] else 0
+
+
 if __name__ == "__main__":
-    args = build_parser().parse_args()
-    try:
-        result = main(args.ckpt, args.out_dir, args.split, args.tables, args.samplers, args.steps, args.modes,
-                      args.native, args.lung, args.limit, tuple(args.overrides), args.batch_size, args.overwrite,
-                      args.masks_dir, args.dry_run, args.progress, args.work_dir)
-    except (ConfigError, CheckpointError, ImageError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(1 if result["failures"] else 0)
+    sys.exit(cli())

@@ -44,12 +44,12 @@ import numpy as np
 import torch
 
 from data.datasets import PairedDataset, split_list
-from data.io import ImageError
 from models import load_vqgan
 from models.schedule import build_schedule, offset_noise, randn
 from utils.atomic import atomic_write_text, json_text
+from utils.cli import entry_point
 from utils.checkpoint import CheckpointError, load_checkpoint, resolve_first_stage
-from utils.config import ConfigError, config_from_dict
+from utils.config import config_from_dict
 from utils.dist import resolve_device
 from utils.logging import pyplot, save_figure
 
@@ -411,11 +411,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@entry_point()
+def cli(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    main(args.ckpt, args.out_dir, args.split, args.n, args.components, tuple(args.timesteps), args.cutoff,
+         args.offset_coefficient, args.channel, args.seed, args.overrides)
+
+
 if __name__ == "__main__":
-    args = build_parser().parse_args()
-    try:
-        main(args.ckpt, args.out_dir, args.split, args.n, args.components, tuple(args.timesteps), args.cutoff,
-             args.offset_coefficient, args.channel, args.seed, args.overrides)
-    except (ConfigError, CheckpointError, ImageError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(cli())

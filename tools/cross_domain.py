@@ -24,7 +24,7 @@ Steps: lung masks (``--masks folder``: <test>/Mask, the default when it exists; 
 built-in segmenter ``data.lungseg.segment_lungs``, the one ``global_local.masks=auto`` runs, written
 to OUT/masks first so that inference and scoring use the same masks; the tool passes its mask
 folder to ldm_eval, so a ``--set global_local.masks=...`` is overridden); then ldm_eval.py's library
-entry (``ldm_eval.eval_config`` + ``ldm_eval.main``) on the test cases with the checkpoint's config,
+entry (``stages.suppress.eval_config`` + ``suppress_images``) on the test cases with the checkpoint's config,
 ``data.root`` pointed at the test data and the ``--set`` items, into OUT/pred. A case without a mask
 (no Mask/ file, or lungs the segmenter cannot find: ldm_eval itself would fail such a case, its
 ``load_mask`` raises) runs through the global path alone (``global_local.enabled=false``) and is
@@ -51,18 +51,17 @@ from pathlib import Path
 
 import numpy as np
 
-import ldm_eval
 from data.datasets import BS, CXR, MASK
 from data.io import ImageError, list_images, output_name, read_image, write_png
 from data.lungseg import segment_lungs
 from data.splits import list_paths, read_list
 from evaluation import apply_tone_curve, fit_from_folders, score_folder, write_tone_predictions
 from evaluation.tone_curve import LEVELS
+from models.checkpoints import checkpoint_config
+from stages.suppress import eval_config, first_stage, suppress_images
 from utils.atomic import atomic_write_text, json_text
-from utils.checkpoint import CheckpointError
-from utils.config import ConfigError
+from utils.cli import entry_point
 from utils.logging import pyplot, save_figure
-from utils.scripts import checkpoint_config
 
 PROG = "cross_domain"
 PREFIX = "cross"                       # the split-list prefix of the test lists this tool writes
@@ -161,12 +160,12 @@ def eval_settings(ckpt: str | Path, root: Path, list_dir: Path, overrides: tuple
             f"data.split.prefix={PREFIX}", "global_local.masks=folder"]
     if global_only:
         sets.append("global_local.enabled=false")
-    return ldm_eval.eval_config(ckpt, sets), sets
+    return eval_config(ckpt, sets), sets
 
 
 def run_model(ckpt: str | Path, root: Path, names: list[str], masked: list[str], mask_dir: Path,
               overrides: tuple[str, ...], out: Path, batch_size: int, progress: bool) -> tuple[Path, list[dict]]:
-    """ldm_eval.main on the test cases into ``out/pred``: the cases with a mask as the config says
+    """``suppress_images`` (ldm_eval.py) on the test cases into ``out/pred``: the cases with a mask as the config says
     (global-local by default), the others with the global path alone. Returns (folder, one record per run)."""
     pred = out / "pred"
     for n in names:     # an earlier run's output must not stand in for a case that fails this time
@@ -185,7 +184,7 @@ def run_model(ckpt: str | Path, root: Path, names: list[str], masked: list[str],
         atomic_write_text(list_paths(list_dir, PREFIX)["test"], "".join(f"{n}\n" for n in group))
         cfg, sets = eval_settings(ckpt, root, list_dir, overrides, sub == "global_only")
         t0 = time.perf_counter()
-        summary = ldm_eval.main(cfg, ckpt, split="test", out_dir=pred, batch_size=batch_size, overwrite=True,
+        summary = suppress_images(cfg, ckpt, split="test", out_dir=pred, batch_size=batch_size, overwrite=True,
                                 masks_dir=str(mask_dir), progress=progress)
         runs.append({"cases": what, "n": len(group), "sets": sets, "seconds": time.perf_counter() - t0,
                      **{k: summary[k] for k in ("written", "failures", "sampler", "global_local", "output_mode",
@@ -350,7 +349,7 @@ def main(ckpt: str | Path, train_data: str | Path, test_data: str | Path, out_di
     if mode == "folder" and not (test_root / MASK).is_dir():
         raise FileNotFoundError(f"{test_root / MASK}: folder not found (--masks folder); use --masks auto")
     cfg, _ = eval_settings(ckpt, test_root, out / "lists" / "all", tuple(overrides), False)   # ConfigError now
-    ldm_eval.first_stage(ckpt, cfg, trained)                                                 # CheckpointError now
+    first_stage(ckpt, cfg, trained)                                                 # CheckpointError now
     list_file = list_paths(out / "lists" / "all", PREFIX)["test"]
     atomic_write_text(list_file, "".join(f"{n}\n" for n in names))
 
@@ -425,16 +424,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@entry_point()
 def cli(argv: list[str] | None = None) -> int:
     """The command line: 0 done, 1 some case failed, 2 bad inputs (one line on stderr)."""
     args = build_parser().parse_args(argv)
-    try:
-        result = main(args.ckpt, args.train_data, args.test_data, args.out_dir, args.test_list, args.train_list,
-                      args.masks, tuple(args.overrides), args.oracle_tone, args.batch_size, args.figure_cases,
-                      args.progress)
-    except (ConfigError, CheckpointError, ImageError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    result = main(args.ckpt, args.train_data, args.test_data, args.out_dir, args.test_list, args.train_list,
+                  args.masks, tuple(args.overrides), args.oracle_tone, args.batch_size, args.figure_cases,
+                  args.progress)
     return 1 if result["failures"] else 0
 
 

@@ -14,13 +14,12 @@ def main(ckpt: str, out: str, index: int = 0) -> None:
     from data.datasets import split_list
     from data.io import read_image
     from utils.logging import pyplot, save_figure
-    from utils.scripts import load_script
+    from stages.suppress import eval_config, suppress_images
 
-    ldm_eval = load_script("ldm_eval.py")
-    cfg = ldm_eval.eval_config(ckpt)
+    cfg = eval_config(ckpt)
     name = split_list(cfg.data, "test")[index]
     work = Path(ckpt).resolve().parent.parent / "eval" / "figure"
-    ldm_eval.main(cfg, ckpt, split="test", out_dir=work, save_paths=True, overwrite=True, progress=False)
+    suppress_images(cfg, ckpt, split="test", out_dir=work, save_paths=True, overwrite=True, progress=False)
     root = Path(cfg.data.root)
     panels = [("CXR", read_image(root / "CXR" / name).pixels),
               ("global path", read_image(work / "paths" / "global" / name).pixels),

@@ -54,9 +54,10 @@ from pathlib import Path
 
 import numpy as np
 
-from data.io import ImageError, is_image_file, list_images, read_image, write_png
+from data.io import is_image_file, list_images, read_image, write_png
 from data.splits import read_list
 from utils.atomic import atomic_write_text, json_text
+from utils.cli import entry_point
 
 KEY_FORMAT = "reader-study-key/1"
 SIDES = ("L", "R")
@@ -575,17 +576,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@entry_point()
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; 0 on success, 2 on bad input (the message names the file, row and column)."""
     args = build_parser().parse_args(argv)
-    try:
-        if args.command == "export":
-            export(args.source, args.out, args.key, args.list_file, args.n, args.seed, tuple(args.readers), args.force)
-        else:
-            aggregate(args.key, args.sheets, args.out, args.reference)
-    except (SheetError, ImageError, FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if args.command == "export":
+        export(args.source, args.out, args.key, args.list_file, args.n, args.seed, tuple(args.readers), args.force)
+    else:
+        aggregate(args.key, args.sheets, args.out, args.reference)
     return 0
 
 

@@ -33,6 +33,7 @@ from PIL import Image
 from data.io import read_image
 from data.splits import read_list
 from utils.atomic import atomic_write_text
+from utils.cli import entry_point
 
 METRIC_ROWS = [("bsr_sym", "BSR, symmetric (%) ↑", 100.0),
                ("bsr_hp32", "BSR, high-pass σ = W/32 (%) ↑", 100.0), ("bsr_hp64", "BSR, high-pass σ = W/64 (%) ↑", 100.0),
@@ -356,7 +357,8 @@ def _pairs(items: list[str], flag: str, parser: argparse.ArgumentParser) -> dict
     return dict(i.split("=", 1) for i in items)
 
 
-if __name__ == "__main__":
+@entry_point(OSError)
+def cli(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Write a static HTML report of a bone-suppression run.")
     p.add_argument("--root", required=True, help="dataset folder with CXR/ and BS/")
     p.add_argument("--pred", required=True, help="folder of predictions (same file names)")
@@ -365,10 +367,10 @@ if __name__ == "__main__":
     p.add_argument("--metrics", nargs="*", default=[], metavar="LABEL=JSON", help="metrics.py summaries to tabulate")
     p.add_argument("--benchmark", help="tools.benchmark --out JSON")
     p.add_argument("--curves", nargs="*", default=[], metavar="LABEL=PNG", help="training curves to embed")
-    a = p.parse_args()
-    try:
-        print(main(a.root, a.pred, a.list, a.out, _pairs(a.metrics, "--metrics", p), a.benchmark,
-                   _pairs(a.curves, "--curves", p)))
-    except (ReportError, OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    a = p.parse_args(argv)
+    print(main(a.root, a.pred, a.list, a.out, _pairs(a.metrics, "--metrics", p), a.benchmark,
+               _pairs(a.curves, "--curves", p)))
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

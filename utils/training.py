@@ -1,13 +1,11 @@
-"""Plumbing shared by the training scripts: the distributed run around a trainer, run folder,
-checkpoints (what they hold, resume, save), LR milestones, NaN guard, command line."""
+"""Plumbing shared by the trainers: the distributed run around a trainer, run folder, checkpoints
+(what they hold, resume, save), LR milestones, NaN guard (their command line: :mod:`utils.cli`)."""
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import math
 import shutil
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -16,7 +14,7 @@ import torch.distributed as dist
 
 from utils.atomic import require_writable
 from utils.checkpoint import CheckpointManager, load_checkpoint, load_state, require_same_section
-from utils.config import ConfigError, add_config_args, config_from_args, config_to_dict, load_config, save_config
+from utils.config import config_to_dict, save_config
 from utils.dist import DistInfo, barrier, cleanup_distributed, setup_distributed
 from utils.logging import CSVLogger, make_run_dir
 
@@ -157,45 +155,3 @@ def check_finite(loss: torch.Tensor, what: str, step: int, epoch: int, ckpts: Ch
     latest = ckpts.latest()
     raise FloatingPointError(f"non-finite {what} loss at step {step} (epoch {epoch + 1}); stopping. "
                              f"Last good checkpoint: {latest or 'none yet'}")
-
-
-# ----------------------------------------------------------------------------------- command lines
-
-def training_parser(description: str) -> argparse.ArgumentParser:
-    """The trainers' shared command line: --config, --set, --resume, --no-progress."""
-    parser = argparse.ArgumentParser(description=description)
-    add_config_args(parser, default=["configs/demo.yaml"])
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint "
-                        "(its config.yaml is used; --set may change non-architectural keys)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    return parser
-
-
-def training_config(args, parser):
-    """The run's own config.yaml with --set for --resume, else --config files with --set."""
-    if args.resume:
-        if args.config != parser.get_default("config"):
-            raise ConfigError("--resume uses the run's own config.yaml; give changes with --set")
-        return load_config([Path(args.resume) / "config.yaml"], args.overrides)
-    return config_from_args(args)
-
-
-def run_training_cli(main, parser) -> None:
-    """Parse, build the config, train; known failures become one ``error:`` line and exit status 2."""
-    args = parser.parse_args()
-    try:
-        main(training_config(args, parser), resume=args.resume, progress=args.progress)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: the newest complete checkpoint is kept; continue with --resume RUN_FOLDER",
-              file=sys.stderr)
-        sys.exit(130)
-    except (OSError, RuntimeError) as err:
-        if isinstance(err, RuntimeError) and not any(
-                s in str(err) for s in ("iostream", "PytorchStreamWriter", "No space left", "file write failed")):
-            raise                      # not a write failure: a bug, keep its traceback
-        print(f"error: writing failed ({' '.join(str(err).split())[:300]}); the newest complete checkpoint is "
-              "kept (writes are atomic); free space or fix the location, then --resume RUN_FOLDER", file=sys.stderr)
-        sys.exit(2)
