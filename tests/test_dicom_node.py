@@ -24,8 +24,7 @@ import pytest
 
 from data.io import SOFTWARE
 from stages import suppress
-from tests.conftest import ROOT
-from tests.scripts import untrained_ldm
+from tests.conftest import ROOT, untrained_ldm
 
 pydicom = pytest.importorskip("pydicom")
 pynetdicom = pytest.importorskip("pynetdicom")

@@ -11,8 +11,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import ROOT
-from tests.scripts import tiny_dataset
+from tests.conftest import ROOT, tiny_dataset
 from utils.checkpoint import CheckpointManager, load_checkpoint
 
 
@@ -87,7 +86,7 @@ def test_sigkill_at_random_moments_then_resume_is_exact(tmp_path):
 
 def test_corrupt_latest_checkpoint_falls_back_or_fails_clearly(tmp_path):
     from stages.train_vqgan import train_vqgan
-    from tests.scripts import smoke_config
+    from tests.conftest import smoke_config
     from utils.checkpoint import CheckpointError
 
     root = tiny_dataset(tmp_path / "ds")

@@ -15,13 +15,12 @@ import pytest
 import torch
 
 from data.io import read_image
-from tests.conftest import ROOT, fill_disk_after, write_gray
+from tests.conftest import ROOT, fill_disk_after, smoke_config, tiny_dataset, untrained_ldm, write_gray
 import stages.train_ldm
 from stages import suppress
 from stages.train_ldm import resolve_config as resolve_training_config
 from stages.train_ldm import train_ldm
 from stages.train_vqgan import train_vqgan
-from tests.scripts import smoke_config, tiny_dataset, untrained_ldm
 from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.config import ConfigError, config_from_dict
 

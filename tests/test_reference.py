@@ -14,11 +14,10 @@ import yaml
 
 from models import build_unet, count_parameters, load_ldm, load_vqgan
 from models.reference import convert_unet, convert_vqgan, reference_vqgan_key
-from tests.conftest import ROOT
+from tests.conftest import ROOT, tiny_dataset
 from tests.reference_fakes import (Payload, fake_class, reference_unet, reference_vqvae, reference_vqvae_reconstruct,
                                    save_whole_model)
 from stages import convert
-from tests.scripts import tiny_dataset
 from utils.checkpoint import CheckpointError, load_checkpoint, resolve_first_stage, save_checkpoint
 from utils.config import config_to_dict
 from utils.foreign_pickle import ForeignPickleError, read_module_tree

@@ -12,7 +12,7 @@ import pytest
 from evaluation import score_folder
 from tools import report
 from data.io import read_image, write_png
-from tests.scripts import tiny_dataset
+from tests.conftest import tiny_dataset
 
 
 @pytest.fixture(scope="module")

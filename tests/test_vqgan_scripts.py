@@ -12,11 +12,10 @@ import pytest
 import torch
 
 from data.io import read_image
-from tests.conftest import ROOT, fill_disk_after, write_gray
+from tests.conftest import ROOT, fill_disk_after, smoke_config, tiny_dataset, untrained_ldm, write_gray
 import stages.train_vqgan
 from stages import reconstruct
 from stages.train_vqgan import train_vqgan
-from tests.scripts import smoke_config, tiny_dataset, untrained_ldm
 from utils.checkpoint import CheckpointError, load_checkpoint
 
 
