@@ -71,7 +71,8 @@ def load_ldm(path: str | Path, device: torch.device | str = "cpu", weights: str 
     return unet.to(device).eval().requires_grad_(False), cfg
 
 
-def checkpoint_config(ckpt: str | Path, kind: str, config_files: list | None = None, overrides: list[str] = ()) -> Config:
+def checkpoint_config(ckpt: str | Path, kind: str, config_files: list | None = None,
+                      overrides: list[str] = ()) -> Config:
     """``config_files`` with ``overrides``, or else the config stored in the checkpoint with them."""
     if config_files:
         return load_config(config_files, overrides)
