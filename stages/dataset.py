@@ -34,7 +34,7 @@ from data.io import ImageError, list_images, read_image, write_png
 from data.masking import binarize_mask, masked_copy
 from data.splits import list_paths, split_names, write_split
 from utils.atomic import atomic_write_text, require_writable
-from utils.config import add_config_args, config_from_args, save_config
+from utils.config import Config, add_config_args, config_from_args, save_config
 
 
 @dataclass
@@ -126,7 +126,7 @@ def write_auto_masks(report: ScanReport, progress: bool = True) -> None:
     report.has_masks = True
 
 
-def prepare_dataset(cfg, synthetic: int | None = None, force: bool = False, strict: bool = False,
+def prepare_dataset(cfg: Config, synthetic: int | None = None, force: bool = False, strict: bool = False,
          masked: bool = True, progress: bool = True, masks: str = "folder", from_ct: bool = False) -> ScanReport:
     """Optionally generate phantoms or CT projections, scan ``cfg.data.root``, write the report, masked
     copies and split.
@@ -190,7 +190,7 @@ def prepare_dataset(cfg, synthetic: int | None = None, force: bool = False, stri
     return report
 
 
-def write_ct_pairs(cfg, root: Path, progress: bool = True) -> dict[str, list[str]]:
+def write_ct_pairs(cfg: Config, root: Path, progress: bool = True) -> dict[str, list[str]]:
     """Load the CT and labels of ``cfg.ct`` (every file checked before anything is written), then render
     its views into ``root``; returns the planned split."""
     from data.ct import load_ct, load_labels, resolve_sources, write_ct_dataset

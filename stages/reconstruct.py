@@ -39,8 +39,9 @@ from models.checkpoints import checkpoint_config
 from models.msssim import MSSSIM
 from models.vqgan import codebook_counts, usage_from_counts
 from utils.atomic import atomic_write_text, json_text, refuse_input_folders, require_writable
-from utils.dist import resolve_device
 from utils.cli import eval_parser, naming_file
+from utils.config import Config
+from utils.dist import resolve_device
 
 STAGE = "vqgan"
 
@@ -57,7 +58,7 @@ def reconstruct(model, pixels: np.ndarray, invert: bool, device: torch.device) -
     return from_model(x_rec[0, 0, :h, :w], invert), info["indices"].cpu()
 
 
-def image_jobs(cfg, split: str | None, input_dir: str | None) -> list[tuple[str, Path]]:
+def image_jobs(cfg: Config, split: str | None, input_dir: str | None) -> list[tuple[str, Path]]:
     """(relative output name, source path) for a split's CXR/BS images or a folder's images (the other
     entries of the folder are named on stderr, not silently dropped)."""
     if input_dir is not None:
@@ -96,7 +97,7 @@ def output_rel(rel: str) -> str:
     return str(Path(rel).parent / output_name(rel))
 
 
-def reconstruct_images(cfg, ckpt: str | Path, split: str | None = "test", input_dir: str | None = None,
+def reconstruct_images(cfg: Config, ckpt: str | Path, split: str | None = "test", input_dir: str | None = None,
          out_dir: str | Path | None = None, progress: bool = True, overwrite: bool = False) -> dict:
     """Reconstruct and score; return the summary dict (also written as recon_summary.json).
 

@@ -60,10 +60,11 @@ from models.schedule import build_schedule
 from utils.atomic import atomic_write_text, json_text, refuse_input_folders, require_writable
 from utils.checkpoint import CheckpointError, resolve_first_stage
 from utils.config import Config, ConfigError, config_to_dict
-from utils.dist import cleanup_distributed, setup_distributed
 from utils.cli import eval_parser, naming_file, positive_int
+from utils.dist import cleanup_distributed, setup_distributed
 
 STAGE = "ldm"
+PATH_PARTS = ("global", "local", "fused")   # the --save-paths images, each under <out>/paths/<part>/
 
 
 def resolve_config(cfg: Config, train_cfg: Config) -> Config:
@@ -75,7 +76,7 @@ def resolve_config(cfg: Config, train_cfg: Config) -> Config:
     return dataclasses.replace(cfg, data=data)
 
 
-def image_jobs(cfg, split: str | None, input_dir: str | None) -> list[Path]:
+def image_jobs(cfg: Config, split: str | None, input_dir: str | None) -> list[Path]:
     """Source CXR paths: a split's CXR/ images or every image of a folder (the other entries of the
     folder are named on stderr, not silently dropped)."""
     if input_dir is not None:
@@ -126,7 +127,7 @@ def check_paths_folder(out_dir: Path) -> None:
                              "(remove it or choose another --out)")
 
 
-def first_stage(ckpt: str | Path, cfg, train_cfg) -> Path:
+def first_stage(ckpt: str | Path, cfg: Config, train_cfg: Config) -> Path:
     """The VQGAN file: ``ldm_train.vqgan_ckpt`` as given for this evaluation if it was changed (from the
     working directory), else the checkpoint's own (found beside it or from the working directory)."""
     given = cfg.ldm_train.vqgan_ckpt
@@ -135,9 +136,6 @@ def first_stage(ckpt: str | Path, cfg, train_cfg) -> Path:
             raise CheckpointError(f"ldm_train.vqgan_ckpt={given}: file not found")
         return Path(given)
     return resolve_first_stage(ckpt, train_cfg.ldm_train.vqgan_ckpt)
-
-
-PATH_PARTS = ("global", "local", "fused")
 
 
 def write_result(out_dir: Path, im, res, output_mode: str, derivation: str, save_paths: bool) -> None:
@@ -170,10 +168,10 @@ def merge_counts(parts: list[dict]) -> dict:
             "seconds": {k: sum(c["seconds"][k] for c in parts) for k in parts[0]["seconds"]}}
 
 
-def suppress_images(cfg, ckpt: str | Path, split: str | None = "test", input_dir: str | None = None,
-         out_dir: str | Path | None = None, weights: str = "ema", batch_size: int = 4,
-         overwrite: bool = False, masks_dir: str | None = None, save_paths: bool = False,
-         progress: bool = True) -> dict:
+def suppress_images(cfg: Config, ckpt: str | Path, split: str | None = "test", input_dir: str | None = None,
+                    out_dir: str | Path | None = None, weights: str = "ema", batch_size: int = 4,
+                    overwrite: bool = False, masks_dir: str | None = None, save_paths: bool = False,
+                    progress: bool = True) -> dict:
     """Suppress bones in every job image; return the summary (also written as timing.json).
 
     ``cfg`` is not changed: the run uses :func:`resolve_config` of it (the model's size and intensity

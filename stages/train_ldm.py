@@ -157,7 +157,7 @@ def train_ldm(cfg: Config, resume: str | Path | None = None, progress: bool = Tr
     return run_training(_train, resolve_config(cfg), resume, progress)
 
 
-def _train(cfg, info: DistInfo, resume, progress: bool) -> Path:
+def _train(cfg: Config, info: DistInfo, resume, progress: bool) -> Path:
     device, tc = info.device, cfg.ldm_train
     seed_everything(cfg.run.seed, info.rank)
     teacher = None

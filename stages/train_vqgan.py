@@ -25,6 +25,7 @@ from data.datasets import BS, CXR, MASKED_BS, MASKED_CXR, ImageDataset, split_li
 from models import build_discriminator, build_hybrid_loss, build_vqgan, count_parameters
 from models.msssim import MSSSIM
 from models.vqgan import codebook_counts, usage_from_counts
+from utils.config import Config
 from utils.dist import DistInfo, all_reduce_mean, autocast_context, seed_everything
 from utils.hub import VGG16_FILE, require_hub_file
 from utils.logging import get_logger, plot_curves, save_grid
@@ -95,13 +96,13 @@ def evaluate(model, loader: DataLoader, cfg, device: torch.device) -> tuple[dict
     return out, first
 
 
-def train_vqgan(cfg, resume: str | Path | None = None, progress: bool = True) -> Path:
+def train_vqgan(cfg: Config, resume: str | Path | None = None, progress: bool = True) -> Path:
     """Train; return the run folder. See the module docstring. ``cfg`` is what runs, as given (this
     stage takes nothing from other checkpoints), and what config.yaml and the checkpoints hold."""
     return run_training(_train, cfg, resume, progress)
 
 
-def _train(cfg, info: DistInfo, resume, progress: bool) -> Path:
+def _train(cfg: Config, info: DistInfo, resume, progress: bool) -> Path:
     device = info.device
     seed_everything(cfg.run.seed, info.rank)
     tc = cfg.vq_train
