@@ -48,8 +48,8 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
         raise NotADirectoryError(f"{out}: --out exists and is not a folder")
 
 
-def convert_published(cfg: Config, method: str, dataset: str, unet: str | Path, vqgan: str | Path, out: str | Path,
-         overwrite: bool = False) -> list[Path]:
+def convert_published(cfg: Config, method: str, dataset: str, unet: str | Path, vqgan: str | Path,
+                      out: str | Path, overwrite: bool = False) -> list[Path]:
     """Convert one published UNet + VQGAN pair into ``out``; return the written files."""
     out = Path(out)
     check_out_dir(out, overwrite)

@@ -127,7 +127,8 @@ def write_auto_masks(report: ScanReport, progress: bool = True) -> None:
 
 
 def prepare_dataset(cfg: Config, synthetic: int | None = None, force: bool = False, strict: bool = False,
-         masked: bool = True, progress: bool = True, masks: str = "folder", from_ct: bool = False) -> ScanReport:
+                    masked: bool = True, progress: bool = True, masks: str = "folder",
+                    from_ct: bool = False) -> ScanReport:
     """Optionally generate phantoms or CT projections, scan ``cfg.data.root``, write the report, masked
     copies and split.
 

@@ -98,7 +98,7 @@ def output_rel(rel: str) -> str:
 
 
 def reconstruct_images(cfg: Config, ckpt: str | Path, split: str | None = "test", input_dir: str | None = None,
-         out_dir: str | Path | None = None, progress: bool = True, overwrite: bool = False) -> dict:
+                       out_dir: str | Path | None = None, progress: bool = True, overwrite: bool = False) -> dict:
     """Reconstruct and score; return the summary dict (also written as recon_summary.json).
 
     Checked before the model is loaded (:func:`check_outputs`): the output folder is no input folder
